@@ -1,0 +1,133 @@
+"""Typed model of a servable TerraTorch `config.json`.
+
+The config is validated once, at start-up, so that a bad field fails with one message naming the
+field, instead of a traceback from deep inside TerraTorch or vLLM's profiling run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from vllm_terratorch.errors import ConfigError, ModelSourceError
+
+ARCHITECTURE = "Terratorch"
+
+
+class TensorSpec(BaseModel):
+    """One named model input: what one request carries under that name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["torch.Tensor"]
+    shape: list[PositiveInt] = Field(min_length=1)
+
+
+class InputSpec(BaseModel):
+    """`pretrained_cfg.input`: the model's inputs and which one (if any) is positional."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: str | None = None
+    data: dict[str, TensorSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _target_is_an_input(self) -> InputSpec:
+        if self.target is not None and self.target not in self.data:
+            raise ValueError(
+                f"target {self.target!r} is not one of the inputs in data ({sorted(self.data)}); "
+                "name one of them, or omit target to pass every input as a keyword"
+            )
+        return self
+
+    @property
+    def keyword_names(self) -> list[str]:
+        """Inputs passed to `forward` as keywords (all but the target)."""
+        return [name for name in self.data if name != self.target]
+
+
+class TaskSpec(BaseModel):
+    """`pretrained_cfg.model`: a LightningCLI-style task (`class_path` + `init_args`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    class_path: str = Field(min_length=1)
+    init_args: dict[str, Any] = Field(default_factory=dict)
+
+
+class PretrainedCfg(BaseModel):
+    """`pretrained_cfg`: the TerraTorch YAML's model/data sections plus the input spec."""
+
+    model_config = ConfigDict(extra="allow")
+
+    seed_everything: int | None = None
+    input: InputSpec
+    model: TaskSpec
+    data: dict[str, Any] | None = None
+
+
+class TerratorchConfig(BaseModel):
+    """The whole `config.json` of a servable TerraTorch model."""
+
+    model_config = ConfigDict(extra="allow")
+
+    architectures: list[str]
+    num_classes: Literal[0]
+    pretrained_cfg: PretrainedCfg
+
+    @model_validator(mode="after")
+    def _is_terratorch(self) -> TerratorchConfig:
+        if ARCHITECTURE not in self.architectures:
+            raise ValueError(f"must contain {ARCHITECTURE!r}, got {self.architectures}")
+        return self
+
+
+def _describe(error: ValidationError) -> str:
+    """One line per problem: the dotted field path, what is expected, what was given."""
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        got = item.get("input")
+        got_text = f" (got {json.dumps(got, default=str)[:80]})" if item["type"] != "missing" else ""
+        lines.append(f"  {where}: {item['msg']}{got_text}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: Any, source: str = "config.json") -> TerratorchConfig:
+    """Validate a decoded `config.json`; raise `ConfigError` naming every bad field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    try:
+        return TerratorchConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(
+            f"{source} is not a servable TerraTorch config:\n{_describe(error)}\n"
+            'Expected architectures ["Terratorch"], num_classes 0 and a pretrained_cfg with '
+            "input.data (name -> {type: torch.Tensor, shape: [positive ints]}) and "
+            "model.class_path; see the README."
+        ) from None
+
+
+def parse_pretrained_cfg(raw: Any, source: str = "pretrained_cfg") -> PretrainedCfg:
+    """Validate just the `pretrained_cfg` section (what vLLM's hf_config carries)."""
+    config = parse_config(
+        {"architectures": [ARCHITECTURE], "num_classes": 0, "pretrained_cfg": raw}, source
+    )
+    return config.pretrained_cfg
+
+
+def load_config(path: str | Path) -> TerratorchConfig:
+    """Read and validate a `config.json` file (or the one inside a model folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ModelSourceError(f"{path} does not exist; a servable model folder needs config.json")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path} is not valid JSON: {error}") from None
+    return parse_config(raw, str(path))

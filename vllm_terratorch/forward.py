@@ -1,0 +1,126 @@
+"""How a batch of requests becomes one `forward(...)` call, and its output one tensor per request.
+
+The calling convention comes from the input spec (mission document): the `target` input is
+positional, every other input is a keyword. Without a target, inputs go as keywords when the
+network's signature accepts them; a network whose forward needs one positional argument gets the
+single input positionally, or (several inputs) the dict of inputs, as multimodal TerraTorch models
+such as TerraMind expect.
+
+Batching: each request carries tensors of exactly the spec's shapes; vLLM stacks them along a new
+leading dimension. A keyword input whose spec shape starts with 1 (`location_coords: [1, 2]`) is
+already batch-shaped for one request, exactly as upstream passes it, so its batch is the
+concatenation of the requests' tensors, i.e. the stacked dims merged. Every request keeps its own
+tensors (the in-tree model fed request 0's coordinates to the whole batch).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vllm_terratorch.config import InputSpec
+from vllm_terratorch.errors import ConfigError, InputError
+
+
+def _forward_parameters(network: torch.nn.Module) -> tuple[list[str], set[str], bool]:
+    """(required positional-or-keyword names, accepted keyword names, has **kwargs)."""
+    parameters = inspect.signature(network.forward).parameters.values()
+    required = [
+        p.name
+        for p in parameters
+        if p.default is inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    keywords = {
+        p.name
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    var_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    return required, keywords, var_keyword
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """The calling convention of one network, decided once at start-up."""
+
+    names: tuple[str, ...]
+    positional: str | None = None
+    dict_positional: bool = False
+    merged: frozenset[str] = frozenset()
+
+    @classmethod
+    def for_network(cls, spec: InputSpec, network: torch.nn.Module) -> ForwardPlan:
+        names = tuple(spec.data)
+        positional = spec.target
+        dict_positional = False
+        if positional is None:
+            required, keywords, var_keyword = _forward_parameters(network)
+            unmet = [name for name in required if name not in spec.data]
+            if unmet and len(unmet) == 1:
+                if len(names) == 1:
+                    positional = names[0]
+                else:
+                    dict_positional = True
+            elif unmet:
+                raise ConfigError(
+                    f"pretrained_cfg.input: {type(network).__name__}.forward needs {unmet}, "
+                    f"which input.data ({list(names)}) does not provide; name the inputs after them or set target"
+                )
+            elif not var_keyword and not set(names) <= keywords:
+                raise ConfigError(
+                    f"pretrained_cfg.input: {type(network).__name__}.forward accepts no keyword(s) "
+                    f"{sorted(set(names) - keywords)}; set target or rename the inputs"
+                )
+        merged = frozenset(
+            name for name in names if name != positional and not dict_positional and spec.data[name].shape[0] == 1
+        )
+        return cls(names=names, positional=positional, dict_positional=dict_positional, merged=merged)
+
+    def describe(self) -> str:
+        if self.dict_positional:
+            return "forward({" + ", ".join(self.names) + "})"
+        parts = [self.positional] if self.positional else []
+        parts += [f"{name}={name}" for name in self.names if name != self.positional]
+        return "forward(" + ", ".join(parts) + ")"
+
+    def batch(
+        self,
+        inputs: Mapping[str, torch.Tensor | Sequence[torch.Tensor]],
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Positional and keyword arguments for a batch, from vLLM's per-input batched tensors."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name in self.names:
+            if name not in inputs:
+                raise InputError(f"the batch has no {name!r} input (inputs: {sorted(inputs)})")
+            value = inputs[name]
+            tensor = value if isinstance(value, torch.Tensor) else torch.stack(list(value))
+            if tensor.is_floating_point():
+                tensor = tensor.to(device=device, dtype=dtype, non_blocking=True)
+            else:
+                tensor = tensor.to(device=device, non_blocking=True)
+            tensors[name] = tensor.flatten(0, 1) if name in self.merged else tensor
+        if self.dict_positional:
+            return (tensors,), {}
+        if self.positional is None:
+            return (), tensors
+        return (tensors.pop(self.positional),), tensors
+
+    def batch_size(self, inputs: Mapping[str, torch.Tensor | Sequence[torch.Tensor]]) -> int:
+        return len(inputs[self.names[0]])
+
+
+def task_output(output: Any) -> torch.Tensor:
+    """The task's prediction tensor from whatever the network returned (ModelOutput, dict, tensor)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for candidate in (getattr(output, "output", None), output.get("output") if isinstance(output, Mapping) else None):
+        if isinstance(candidate, torch.Tensor):
+            return candidate
+    raise InputError(f"the network returned {type(output).__name__}, which holds no `output` tensor")
