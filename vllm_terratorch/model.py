@@ -1,0 +1,251 @@
+"""The vLLM model class behind `--model-impl terratorch`.
+
+Request -> `TerratorchDataParser` (validate each request's tensors against the input spec, cast to
+the model dtype) -> vLLM batches the requests' tensors -> `TerratorchModel.forward` (one network
+call per batch, each request with its own tensors) -> `IdentityPooler` (the task output of each
+request is its pooled output, `o.outputs.data`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import BatchFeature
+from vllm.config import VllmConfig
+from vllm.config.multimodal import MultiModalDummyOptions
+from vllm.inputs import MultiModalDataDict, MultiModalInput, mm_input
+from vllm.model_executor.layers.pooler import IdentityPooler
+from vllm.model_executor.models.interfaces import IsAttentionFree, MultiModalEmbeddings, SupportsMultiModal
+from vllm.model_executor.models.interfaces_base import attn_type
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems, PlaceholderRange
+from vllm.multimodal.parse import DictEmbeddingItems, ModalityDataItems, MultiModalDataItems, MultiModalDataParser
+from vllm.multimodal.processing import (
+    BaseDummyInputsBuilder,
+    BaseMultiModalProcessor,
+    BaseProcessingInfo,
+    ProcessorInputs,
+    PromptUpdate,
+    TimingContext,
+)
+from vllm.sequence import IntermediateTensors
+
+from vllm_terratorch import envs
+from vllm_terratorch.compat import gpu_sync_allowed, logger
+from vllm_terratorch.config import InputSpec, PretrainedCfg, parse_pretrained_cfg
+from vllm_terratorch.dummy import dummy_inputs
+from vllm_terratorch.factory import build_network
+from vllm_terratorch.forward import ForwardPlan, split_by_shape, task_output
+from vllm_terratorch.hub import resolve_model_dir
+from vllm_terratorch.inputs import validate_request_inputs
+from vllm_terratorch.weights import load_checkpoint, match_state_dict
+
+MODALITY = "image"
+
+
+def _pretrained_cfg(hf_config: Any, model: str) -> PretrainedCfg:
+    return parse_pretrained_cfg(hf_config.to_dict().get("pretrained_cfg"), source=f"{model}: config.json pretrained_cfg")
+
+
+def _fields(spec: InputSpec, *, shared: bool) -> dict[str, MultiModalFieldConfig]:
+    """Field layout of the inputs: one item per request (`batched`), so that each request keeps its
+    own tensors when vLLM stacks a batch."""
+    return {
+        name: MultiModalFieldConfig.shared(MODALITY, batch_size=1) if shared else MultiModalFieldConfig.batched(MODALITY)
+        for name in spec.data
+    }
+
+
+class TerratorchDataParser(MultiModalDataParser):
+    """Accepts `{"image": {name: tensor, ...}}` (or the inner dict alone, as upstream did)."""
+
+    def __init__(self, spec: InputSpec, dtype: torch.dtype, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.spec = spec
+        self.dtype = dtype
+
+    def _parse_image_data(self, data: Any) -> ModalityDataItems[Any, Any] | None:
+        if isinstance(data, Mapping):
+            tensors = validate_request_inputs(data, self.spec, self.dtype)
+            return DictEmbeddingItems(
+                tensors,
+                modality=MODALITY,
+                required_fields=set(self.spec.data),
+                fields_factory=lambda _: _fields(self.spec, shared=True),
+            )
+        if isinstance(data, (list, tuple)) and len(data) == 1 and isinstance(data[0], Mapping):
+            return self._parse_image_data(data[0])
+        raise ValueError(
+            f"multi_modal_data['image'] must be a dict of tensors {list(self.spec.data)} "
+            f"(pretrained_cfg.input.data), got {type(data).__name__}"
+        )
+
+    def parse_mm_data(self, mm_data: MultiModalDataDict) -> MultiModalDataItems:
+        if MODALITY not in mm_data:
+            mm_data = {MODALITY: mm_data}  # type: ignore[dict-item]
+        return super().parse_mm_data(mm_data)
+
+
+class TerratorchProcessingInfo(BaseProcessingInfo):
+    @cached_property
+    def pretrained_cfg(self) -> PretrainedCfg:
+        return _pretrained_cfg(self.get_hf_config(), self.ctx.model_config.model)
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return self.pretrained_cfg.input
+
+    def get_data_parser(self) -> TerratorchDataParser:
+        return TerratorchDataParser(
+            self.input_spec, self.ctx.model_config.dtype, expected_hidden_size=self._get_expected_hidden_size()
+        )
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {MODALITY: None}
+
+
+class TerratorchDummyInputsBuilder(BaseDummyInputsBuilder[TerratorchProcessingInfo]):
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        return ""
+
+    def get_dummy_mm_data(
+        self,
+        seq_len: int,
+        mm_counts: Mapping[str, int],
+        mm_options: Mapping[str, MultiModalDummyOptions] | None = None,
+    ) -> MultiModalDataDict:
+        # One request's inputs, in the model dtype; vLLM replicates the item for the batch
+        # sizes it profiles and moves it to the device.
+        return {MODALITY: dummy_inputs(self.info.input_spec, self.info.ctx.model_config.dtype)}
+
+
+class TerratorchMultiModalProcessor(BaseMultiModalProcessor[TerratorchProcessingInfo]):
+    requires_tokenizer = False
+
+    def _get_mm_fields_config(
+        self,
+        hf_inputs: BatchFeature,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        *,
+        is_shared: bool = True,
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        return _fields(self.info.input_spec, shared=is_shared)
+
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
+        return []
+
+    def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext) -> MultiModalInput:
+        with timing_ctx.record("apply_hf_processor"):
+            passthrough = self._get_hf_mm_inputs(inputs.mm_data_items, inputs.hf_processor_mm_kwargs).passthrough_data
+            processed = BatchFeature({k: torch.as_tensor(v).unsqueeze(0) for k, v in passthrough.items()}, tensor_type="pt")
+        mm_kwargs = MultiModalKwargsItems.from_hf_inputs(
+            processed,
+            self._get_mm_fields_config(processed, inputs.hf_processor_mm_kwargs, is_shared=False),
+        )
+        with timing_ctx.record("get_mm_hashes"):
+            mm_hashes = inputs.get_mm_hashes(self.info.model_id, self.info.ctx.get_mm_config().mm_hasher_algorithm)
+        return mm_input(
+            prompt_token_ids=[1],
+            mm_kwargs=mm_kwargs,
+            mm_hashes=mm_hashes,
+            mm_placeholders={MODALITY: [PlaceholderRange(offset=0, length=0)]},
+        )
+
+
+@attn_type("attention_free")
+@MULTIMODAL_REGISTRY.register_processor(
+    TerratorchMultiModalProcessor,
+    info=TerratorchProcessingInfo,
+    dummy_inputs=TerratorchDummyInputsBuilder,
+)
+class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
+    """Any TerraTorch task, built from `pretrained_cfg`, served as a vLLM pooling model."""
+
+    supports_multimodal_raw_input_only = True
+    is_pooling_model = True
+
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        if modality.startswith(MODALITY):
+            return None
+        raise ValueError(f"TerraTorch models take {MODALITY!r} inputs only, not {modality!r}")
+
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        model_config = vllm_config.model_config
+        self.model_reference = model_config.model
+        self.revision = model_config.revision
+        self.download_dir = vllm_config.load_config.download_dir
+        self.pretrained_cfg = _pretrained_cfg(model_config.hf_config, model_config.model)
+        self.dtype = model_config.dtype
+        self.network = build_network(self.pretrained_cfg.model).to(dtype=self.dtype)
+        self.plan = ForwardPlan.for_network(self.pretrained_cfg.input, self.network)
+        self.pooler = IdentityPooler()
+        logger.info(
+            "vllm-terratorch: serving %s (%s) in %s as %s",
+            self.pretrained_cfg.model.class_path,
+            type(self.network).__name__,
+            self.dtype,
+            self.plan.describe(),
+        )
+
+    def get_language_model(self) -> nn.Module:
+        # vLLM 0.21-0.26 ask multimodal models for their language model while loading.
+        return self
+
+    def embed_input_ids(
+        self,
+        input_ids: torch.Tensor,
+        multimodal_embeddings: MultiModalEmbeddings | None = None,
+        *,
+        is_multimodal: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # The one placeholder token per request carries no information.
+        return torch.empty((input_ids.shape[0], 0), device=input_ids.device, dtype=self.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **inputs: Any,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        device = positions.device
+        groups = split_by_shape(inputs, self.plan.names)
+        outputs: list[torch.Tensor | None] = [None] * sum(len(indices) for indices, _ in groups)
+        with gpu_sync_allowed():
+            for indices, group in groups:
+                args, kwargs = self.plan.batch(group, self.dtype, device)
+                result = task_output(self.network(*args, **kwargs))
+                if len(groups) == 1:
+                    return result
+                for row, index in enumerate(indices):
+                    outputs[index] = result[row]
+        shapes = {tuple(out.shape) for out in outputs if out is not None}
+        if len(shapes) == 1:
+            return torch.stack(outputs)  # type: ignore[arg-type]
+        return outputs  # type: ignore[return-value]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # vLLM's iterator reads only safetensors/.bin/.pt with weights_only and no Lightning
+        # `model.` prefixes; we read the model folder ourselves (all formats, strict check) and
+        # never consume `weights`, so vLLM reads no file twice.
+        folder = resolve_model_dir(self.model_reference, self.revision, self.download_dir)
+        expected = self.network.state_dict()
+        state = match_state_dict(
+            load_checkpoint(folder), expected, strict=envs.strict_weights(), source=str(folder)
+        )
+        self.network.load_state_dict(state, strict=False)
+        self.network.to(dtype=self.dtype)
+        logger.info("vllm-terratorch: loaded %d tensors from %s", len(state), folder)
+        return {f"network.{name}" for name, _ in self.network.named_parameters()}

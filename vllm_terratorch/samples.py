@@ -1,0 +1,179 @@
+"""Small servable model folders with real TerraTorch architectures and random weights.
+
+Used by `make demo`, the tests and the benchmarks, so that none of them downloads anything: the
+network is built with TerraTorch's own factory (the real Prithvi code, a tiny configuration) and
+its random weights are saved the way fine-tunes ship them (Lightning checkpoint by default).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from vllm_terratorch.config import parse_config
+from vllm_terratorch.factory import build_task
+
+SampleTask = Literal["segmentation", "regression", "classification"]
+WeightFormat = Literal["ckpt", "pt", "state_dict", "safetensors"]
+
+BANDS = ["BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"]
+# Sen1Floods11-like statistics, in the datamodule's layout (one value per band).
+MEANS = [0.1412, 0.1368, 0.1215, 0.2549, 0.1977, 0.1253]
+STDS = [0.0737, 0.0735, 0.0813, 0.1005, 0.0983, 0.0850]
+
+
+def _prithvi_args(backbone: str, indices: list[int]) -> dict[str, Any]:
+    return {
+        # As in the mission's config: building must still not download anything.
+        "backbone_pretrained": True,
+        "backbone": backbone,
+        "backbone_bands": list(BANDS),
+        "necks": [{"name": "SelectIndices", "indices": indices}, {"name": "ReshapeTokensToImage"}],
+    }
+
+
+def _datamodule(image_size: int, kind: str) -> dict[str, Any]:
+    return {
+        "class_path": f"terratorch.datamodules.GenericNonGeo{kind}DataModule",
+        "init_args": {
+            "batch_size": 4,
+            "num_workers": 0,
+            "bands": list(BANDS),
+            "output_bands": list(BANDS),
+            "rgb_indices": [2, 1, 0],
+            "means": list(MEANS),
+            "stds": list(STDS),
+            "img_grep": "*_S2Hand.tif",
+            "label_grep": "*_LabelHand.tif",
+            "no_data_replace": 0,
+            "no_label_replace": -1,
+        },
+        "dict_kwargs": {"tiled_inference_parameters": {"h_crop": image_size, "w_crop": image_size, "h_stride": image_size // 2, "w_stride": image_size // 2}},
+    }
+
+
+def sample_pretrained_cfg(
+    task: SampleTask = "segmentation",
+    *,
+    image_size: int = 64,
+    backbone: str = "prithvi_eo_v2_tiny_tl",
+    indices: list[int] | None = None,
+    decoder_channels: int = 16,
+    num_classes: int | None = None,
+) -> dict[str, Any]:
+    """A `pretrained_cfg` in the mission document's layout, for one of three task kinds.
+
+    segmentation: the mission's Sen1Floods11 config (UperNet, decoder_scale_modules, target
+    pixel_values + location_coords). regression: pixel-wise, no target (all inputs keywords).
+    classification: ClassificationTask with an identity decoder.
+    """
+    indices = indices or [1, 3, 5, 11]
+    image = {"type": "torch.Tensor", "shape": [len(BANDS), image_size, image_size]}
+    coords = {"type": "torch.Tensor", "shape": [1, 2]}
+    model_args = _prithvi_args(backbone, indices)
+    if task == "segmentation":
+        model_args |= {
+            "decoder": "UperNetDecoder",
+            "decoder_channels": decoder_channels,
+            "decoder_scale_modules": True,
+            "num_classes": num_classes or 2,
+            "rescale": True,
+            "head_dropout": 0.1,
+        }
+        input_spec = {"target": "pixel_values", "data": {"pixel_values": image, "location_coords": coords}}
+        class_path, extra, data = "terratorch.tasks.SemanticSegmentationTask", {"loss": "ce", "ignore_index": -1}, "Segmentation"
+    elif task == "regression":
+        model_args |= {"decoder": "UNetDecoder", "decoder_channels": [32, 16, 8, 4], "head_dropout": 0.0}
+        model_args["necks"] = model_args["necks"] + [{"name": "LearnedInterpolateToPyramidal"}]
+        # No target: every input is passed by keyword, `forward(x=..., location_coords=...)`.
+        input_spec = {"data": {"x": image, "location_coords": coords}}
+        class_path, extra, data = "terratorch.tasks.PixelwiseRegressionTask", {"loss": "rmse"}, "PixelwiseRegression"
+    elif task == "classification":
+        model_args |= {"decoder": "IdentityDecoder", "num_classes": num_classes or 3, "head_dropout": 0.0}
+        model_args["necks"] = [{"name": "SelectIndices", "indices": [indices[-1]]}, {"name": "ReshapeTokensToImage"}]
+        input_spec = {"target": "pixel_values", "data": {"pixel_values": image}}
+        class_path, extra, data = "terratorch.tasks.ClassificationTask", {"loss": "ce"}, "Classification"
+    else:
+        raise ValueError(f"unknown sample task {task!r}; expected segmentation, regression or classification")
+    return {
+        "seed_everything": 0,
+        "input": input_spec,
+        "model": {
+            "class_path": class_path,
+            "init_args": {
+                "model_args": model_args,
+                "model_factory": "EncoderDecoderFactory",
+                "lr": 0.001,
+                "freeze_backbone": False,
+                "freeze_decoder": False,
+                **extra,
+            },
+        },
+        "data": _datamodule(image_size, data),
+    }
+
+
+def build_sample_task(pretrained_cfg: dict[str, Any], seed: int = 0) -> Any:
+    """The Lightning task of `pretrained_cfg` with seeded random weights (never downloaded)."""
+    config = parse_config({"architectures": ["Terratorch"], "num_classes": 0, "pretrained_cfg": pretrained_cfg})
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        task = build_task(config.pretrained_cfg.model)
+        # Random, not default, values everywhere (norms and biases included), so that a weight
+        # that fails to load shows up as a different output.
+        for tensor in task.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(torch.randn_like(tensor) * 0.02)
+    return task.eval()
+
+
+def write_model_folder(
+    folder: str | Path,
+    pretrained_cfg: dict[str, Any],
+    *,
+    weight_format: WeightFormat = "ckpt",
+    seed: int = 0,
+) -> Path:
+    """Write `config.json` + weights of a randomly initialised task; return the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    task = build_sample_task(pretrained_cfg, seed)
+    config = {"architectures": ["Terratorch"], "num_classes": 0, "pretrained_cfg": copy.deepcopy(pretrained_cfg)}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    task_state = {name: tensor.detach().clone() for name, tensor in task.state_dict().items()}
+    if weight_format == "ckpt":
+        # A Lightning checkpoint: `model.`-prefixed task state plus non-tensor training state.
+        torch.save(
+            {
+                "epoch": 3,
+                "global_step": 120,
+                "pytorch-lightning_version": "2.5.0",
+                "state_dict": task_state,
+                "hyper_parameters": {"model_args": pretrained_cfg["model"]["init_args"]["model_args"], "optimizer": _TrainingNote("AdamW")},
+                "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.001}]}],
+            },
+            folder / "model.ckpt",
+        )
+    elif weight_format == "pt":
+        torch.save({"state_dict": task_state}, folder / "model.pt")
+    elif weight_format == "state_dict":
+        torch.save(task.model.state_dict(), folder / "pytorch_model.pth")
+    elif weight_format == "safetensors":
+        from safetensors.torch import save_file
+
+        network_state = {name: tensor.contiguous() for name, tensor in task.model.state_dict().items()}
+        save_file(network_state, str(folder / "model.safetensors"))
+    else:
+        raise ValueError(f"unknown weight format {weight_format!r}")
+    return folder
+
+
+class _TrainingNote:
+    """A non-tensor object as Lightning checkpoints carry (refused by `weights_only=True`)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
