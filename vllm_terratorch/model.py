@@ -161,6 +161,29 @@ class TerratorchMultiModalProcessor(BaseMultiModalProcessor[TerratorchProcessing
         )
 
 
+def _pad_and_stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    shape = [max(sizes) for sizes in zip(*(t.shape for t in tensors))]
+    batch = tensors[0].new_zeros((len(tensors), *shape))
+    for row, tensor in zip(batch, tensors):
+        row[tuple(slice(0, size) for size in tensor.shape)] = tensor
+    return batch
+
+
+class CroppingPooler(IdentityPooler):
+    """Each request's task output is its pooled output; padded rows (a step whose requests had
+    different image sizes) are cropped back to their own shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending_shapes: list[tuple[int, ...]] | None = None
+
+    def forward(self, hidden_states: torch.Tensor, pooling_metadata: Any) -> Any:
+        shapes, self.pending_shapes = self.pending_shapes, None
+        if shapes is None or len(shapes) != len(hidden_states):
+            return super().forward(hidden_states, pooling_metadata)
+        return [row[tuple(slice(0, size) for size in shape)] for row, shape in zip(hidden_states, shapes)]
+
+
 @attn_type("attention_free")
 @MULTIMODAL_REGISTRY.register_processor(
     TerratorchMultiModalProcessor,
@@ -189,7 +212,7 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         self.dtype = model_config.dtype
         self.network = build_network(self.pretrained_cfg.model).to(dtype=self.dtype)
         self.plan = ForwardPlan.for_network(self.pretrained_cfg.input, self.network)
-        self.pooler = IdentityPooler()
+        self.pooler = CroppingPooler()
         logger.info(
             "vllm-terratorch: serving %s (%s) in %s as %s",
             self.pretrained_cfg.model.class_path,
@@ -231,10 +254,13 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
                     return result
                 for row, index in enumerate(indices):
                     outputs[index] = result[row]
-        shapes = {tuple(out.shape) for out in outputs if out is not None}
-        if len(shapes) == 1:
-            return torch.stack(outputs)  # type: ignore[arg-type]
-        return outputs  # type: ignore[return-value]
+        results = [out for out in outputs if out is not None]
+        if len({tuple(out.shape) for out in results}) == 1:
+            return torch.stack(results)
+        # vLLM's runner needs one tensor: pad to a common shape, and let the pooler crop each
+        # request's output back to its own shape.
+        self.pooler.pending_shapes = [tuple(out.shape) for out in results]
+        return _pad_and_stack(results)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # vLLM's iterator reads only safetensors/.bin/.pt with weights_only and no Lightning

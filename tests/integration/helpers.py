@@ -1,0 +1,88 @@
+"""Helpers for integration tests: a real vLLM engine on CPU, the documented request form, and a
+plain-PyTorch reference of the same weights."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vllm_terratorch.forward import ForwardPlan, task_output
+from vllm_terratorch.samples import build_sample_task
+
+@contextmanager
+def engine(model: Path | str, **kwargs: Any) -> Iterator[Any]:
+    """An offline `LLM` exactly as the README shows it, shut down on exit."""
+    from vllm import LLM
+
+    options = {
+        "model_impl": "terratorch",
+        "skip_tokenizer_init": True,
+        "enforce_eager": True,
+        "enable_mm_embeds": True,
+        "gpu_memory_utilization": 0.2,
+        "dtype": "float32",
+    } | kwargs
+    llm = LLM(model=str(model), **options)
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def encode(llm: Any, requests: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """The documented offline request form; one output tensor per request, in order."""
+    prompts = [{"prompt_token_ids": [1], "multi_modal_data": {"image": dict(r)}} for r in requests]
+    return [o.outputs.data for o in llm.encode(prompts, pooling_task="plugin", use_tqdm=False)]
+
+
+def reference_outputs(
+    pretrained_cfg: dict[str, Any], requests: Sequence[dict[str, torch.Tensor]], dtype: torch.dtype = torch.float32
+) -> list[torch.Tensor]:
+    """Plain PyTorch: the same weights, one request at a time, no vLLM involved."""
+    from vllm_terratorch.config import parse_pretrained_cfg
+
+    network = build_sample_task(pretrained_cfg).model.to(dtype)
+    spec = parse_pretrained_cfg(pretrained_cfg).input
+    plan = ForwardPlan.for_network(spec, network)
+    outputs = []
+    with torch.no_grad():
+        for request in requests:
+            batch = {name: tensor[None] for name, tensor in request.items()}
+            args, kwargs = plan.batch(batch, dtype, "cpu")
+            outputs.append(task_output(network(*args, **kwargs))[0])
+    return outputs
+
+
+def distinct_requests(spec: dict[str, Any], count: int, seed: int = 0, size: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """`count` different requests for an input spec; coordinates are plausible lon/lat."""
+    generator = torch.Generator().manual_seed(seed)
+    requests = []
+    for _ in range(count):
+        request = {}
+        for name, tensor in spec["data"].items():
+            shape = list(tensor["shape"])
+            if size is not None and len(shape) >= 3:
+                shape[-2:] = [size, size]
+            if name == "location_coords":
+                value = torch.rand(shape, generator=generator) * torch.tensor([360.0, 180.0]) - torch.tensor([180.0, 90.0])
+            else:
+                value = torch.randn(shape, generator=generator)
+            request[name] = value
+        requests.append(request)
+    return requests
+
+
+def max_abs_diff(outputs: Sequence[torch.Tensor], references: Sequence[torch.Tensor]) -> float:
+    assert len(outputs) == len(references)
+    diffs = []
+    for out, ref in zip(outputs, references):
+        assert out.shape == ref.shape, (out.shape, ref.shape)
+        diffs.append((out.float() - ref.float()).abs().max().item())
+    return max(diffs)
