@@ -19,21 +19,14 @@ _GUARD_MARK = "_vllm_terratorch_guard"
 
 
 def attach_to_vllm_logging() -> None:
-    """Show our INFO lines in vLLM's log, formatted like vLLM's own.
+    """Show our log lines in vLLM's log, formatted like vLLM's own.
 
-    vLLM configures handlers on the `vllm` logger only, so records of `vllm_terratorch.*` would
-    otherwise be dropped below WARNING.
+    vLLM (0.32) configures handlers on the `vllm` logger only, and only once an engine or server
+    starts, which may be after plugins load. Making `vllm` the parent of our package logger routes
+    our records through whatever handlers and level vLLM has at the time they are emitted.
     """
     ours = logging.getLogger("vllm_terratorch")
-    if ours.handlers:
-        return
-    source = logging.getLogger("vllm")
-    if not source.handlers:
-        return
-    for handler in source.handlers:
-        ours.addHandler(handler)
-    ours.setLevel(source.level or logging.INFO)
-    ours.propagate = False
+    ours.parent = logging.getLogger("vllm")
 
 
 def claim_architecture() -> bool:

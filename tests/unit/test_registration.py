@@ -1,0 +1,56 @@
+"""Our class serves `Terratorch` whatever order the general plugins run in (fresh processes)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+
+OURS = "vllm_terratorch.model.TerratorchModel"
+
+SCRIPT = """
+import logging, sys
+logging.basicConfig(level=logging.INFO)
+from vllm.model_executor.models.registry import ModelRegistry
+import vllm_terratorch
+from terratorch.vllm.plugins.general import register_terratorch_fix
+steps = {"ours": vllm_terratorch.register, "theirs": register_terratorch_fix}
+for step in sys.argv[1].split(","):
+    steps[step]()
+entry = ModelRegistry.models["Terratorch"]
+print("SERVED_BY", f"{entry.module_name}.{entry.class_name}")
+"""
+
+
+def served_by(order: str) -> tuple[str, str]:
+    result = subprocess.run([sys.executable, "-c", SCRIPT, order], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("SERVED_BY"))
+    return line.split()[1], result.stdout + result.stderr
+
+
+def test_entry_point_is_installed():
+    plugins = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert plugins.get("vllm_terratorch") == "vllm_terratorch:register"
+
+
+@pytest.mark.parametrize("order", ["ours,theirs", "theirs,ours", "theirs,ours,ours,theirs"])
+def test_ours_wins_in_any_order_and_logs_once(order):
+    served, log = served_by(order)
+    assert served == OURS
+    assert log.count("architecture Terratorch is served by vllm_terratorch.model:TerratorchModel") == 1
+
+
+def test_vllm_plugin_loading_picks_ours():
+    script = (
+        "from vllm.plugins import load_general_plugins\n"
+        "load_general_plugins()\n"
+        "from vllm.model_executor.models.registry import ModelRegistry\n"
+        "e = ModelRegistry.models['Terratorch']\n"
+        "print('SERVED_BY', e.module_name + '.' + e.class_name)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"SERVED_BY {OURS}" in result.stdout
