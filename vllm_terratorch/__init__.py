@@ -6,7 +6,7 @@ every process costs nothing until a model is actually built.
 
 from __future__ import annotations
 
-__all__ = ["register"]
+__all__ = ["IO_PROCESSORS", "classification_processor", "register", "regression_processor", "segmentation_processor"]
 __version__ = "0.1.0"
 
 
@@ -15,8 +15,36 @@ def register() -> None:
 
     Runs in every vLLM process (API server, engine core, workers); safe to call any number of times.
     """
-    from vllm_terratorch.compat import ARCHITECTURE, MODEL_CLASS, attach_to_vllm_logging, claim_architecture, logger
+    from vllm_terratorch.compat import (
+        ARCHITECTURE,
+        MODEL_CLASS,
+        attach_to_vllm_logging,
+        claim_architecture,
+        claim_io_processors,
+        logger,
+    )
 
     attach_to_vllm_logging()
     if claim_architecture():
         logger.info("vllm-terratorch: architecture %s is served by %s", ARCHITECTURE, MODEL_CLASS)
+    claim_io_processors(IO_PROCESSORS)
+
+
+# `vllm.io_processor_plugins` entry points: each returns the qualified name of its processor class.
+IO_PROCESSORS = {
+    "terratorch_segmentation": "vllm_terratorch.io.processor.SegmentationProcessor",
+    "terratorch_regression": "vllm_terratorch.io.processor.RegressionProcessor",
+    "terratorch_classification": "vllm_terratorch.io.processor.ClassificationProcessor",
+}
+
+
+def segmentation_processor() -> str:
+    return IO_PROCESSORS["terratorch_segmentation"]
+
+
+def regression_processor() -> str:
+    return IO_PROCESSORS["terratorch_regression"]
+
+
+def classification_processor() -> str:
+    return IO_PROCESSORS["terratorch_classification"]

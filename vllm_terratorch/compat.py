@@ -63,6 +63,36 @@ def claim_architecture() -> bool:
     return True
 
 
+def claim_io_processors(processors: dict[str, str]) -> None:
+    """Make our IO processors answer to their names, even where TerraTorch registers the same ones.
+
+    vLLM resolves `--io-processor-plugin NAME` through a dict built from the entry points in
+    iteration order, so with TerraTorch installed, `terratorch_segmentation` would be whichever
+    distribution the importer lists last. We wrap the loader that `get_io_processor` calls so
+    that our names map to our classes; plugins filtered out by VLLM_PLUGINS stay filtered out.
+    (vLLM 0.26 and 0.32: `vllm.plugins.io_processors` imports `load_plugins_by_group`.)
+    """
+    from vllm.plugins import IO_PROCESSOR_PLUGINS_GROUP
+    from vllm.plugins import io_processors
+
+    current = io_processors.load_plugins_by_group
+    if getattr(current, _GUARD_MARK, False):
+        return
+
+    @functools.wraps(current)
+    def guarded(group: str) -> dict[str, Any]:
+        plugins = current(group)
+        if group == IO_PROCESSOR_PLUGINS_GROUP:
+            for name, qualname in processors.items():
+                if name in plugins:
+                    plugins[name] = functools.partial(str, qualname)
+                    logger.info("vllm-terratorch: IO processor %s is served by %s", name, qualname)
+        return plugins
+
+    setattr(guarded, _GUARD_MARK, True)
+    io_processors.load_plugins_by_group = guarded  # type: ignore[assignment]
+
+
 @contextmanager
 def gpu_sync_allowed() -> Iterator[None]:
     """TerraTorch networks synchronise with the GPU internally (e.g. `.item()` in interpolation).

@@ -19,3 +19,14 @@ def strict_weights() -> bool:
     a warning); shape mismatches are always an error.
     """
     return _flag("VLLM_TERRATORCH_STRICT_WEIGHTS", True)
+
+
+def io_config_json() -> str:
+    """VLLM_TERRATORCH_IO_CONFIG: JSON object configuring our IO processors (see io/settings.py).
+
+    For compatibility, TerraTorch's TERRATORCH_SEGMENTATION_IO_PROCESSOR_CONFIG is read when ours
+    is not set (its `output_path` key means the same thing).
+    """
+    return os.environ.get("VLLM_TERRATORCH_IO_CONFIG") or os.environ.get(
+        "TERRATORCH_SEGMENTATION_IO_PROCESSOR_CONFIG", "{}"
+    )

@@ -30,3 +30,11 @@ class ModelBuildError(TerratorchError, ValueError):
 
 class InputError(TerratorchError, ValueError):
     """A request's tensors do not match the model's input specification."""
+
+
+class RequestError(TerratorchError, ValueError):
+    """A serving request is malformed, too large, or names data we may not read (HTTP 400)."""
+
+
+class SourceNotAllowedError(RequestError):
+    """A request names a local path or URL outside what the server was allowed to read."""

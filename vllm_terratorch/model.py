@@ -23,7 +23,7 @@ from vllm.model_executor.models.interfaces import IsAttentionFree, MultiModalEmb
 from vllm.model_executor.models.interfaces_base import attn_type
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems, PlaceholderRange
-from vllm.multimodal.parse import DictEmbeddingItems, ModalityDataItems, MultiModalDataItems, MultiModalDataParser
+from vllm.multimodal.parse import ModalityDataItems, MultiModalDataItems, MultiModalDataParser
 from vllm.multimodal.processing import (
     BaseDummyInputsBuilder,
     BaseMultiModalProcessor,
@@ -60,6 +60,27 @@ def _fields(spec: InputSpec, *, shared: bool) -> dict[str, MultiModalFieldConfig
     }
 
 
+class TensorInputItems(ModalityDataItems[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]):
+    """One request's model inputs (already validated against the input spec).
+
+    Not `DictEmbeddingItems`: these are raw inputs of the network, not precomputed embeddings that
+    bypass an encoder, so they need no `--enable-mm-embeds` (the mission's `vllm serve` line has
+    none) and the flag does not matter when given (vLLM's own Prithvi example sets it).
+    """
+
+    def get_count(self) -> int:
+        return 1
+
+    def get(self, index: int) -> Mapping[str, torch.Tensor]:
+        return self.data
+
+    def get_processor_data(self) -> Mapping[str, object]:
+        return {}
+
+    def get_passthrough_data(self) -> Mapping[str, object]:
+        return self.data
+
+
 class TerratorchDataParser(MultiModalDataParser):
     """Accepts `{"image": {name: tensor, ...}}` (or the inner dict alone, as upstream did)."""
 
@@ -70,13 +91,7 @@ class TerratorchDataParser(MultiModalDataParser):
 
     def _parse_image_data(self, data: Any) -> ModalityDataItems[Any, Any] | None:
         if isinstance(data, Mapping):
-            tensors = validate_request_inputs(data, self.spec, self.dtype)
-            return DictEmbeddingItems(
-                tensors,
-                modality=MODALITY,
-                required_fields=set(self.spec.data),
-                fields_factory=lambda _: _fields(self.spec, shared=True),
-            )
+            return TensorInputItems(validate_request_inputs(data, self.spec, self.dtype), MODALITY)
         if isinstance(data, (list, tuple)) and len(data) == 1 and isinstance(data[0], Mapping):
             return self._parse_image_data(data[0])
         raise ValueError(

@@ -42,9 +42,11 @@ def _datamodule(image_size: int, kind: str) -> dict[str, Any]:
         "init_args": {
             "batch_size": 4,
             "num_workers": 0,
-            "bands": list(BANDS),
+            "dataset_bands": list(BANDS),
             "output_bands": list(BANDS),
             "rgb_indices": [2, 1, 0],
+            # Files hold Sentinel-2 L2A digital numbers (reflectance x 10000), as Sen1Floods11's do.
+            "constant_scale": 0.0001,
             "means": list(MEANS),
             "stds": list(STDS),
             "img_grep": "*_S2Hand.tif",
@@ -52,7 +54,6 @@ def _datamodule(image_size: int, kind: str) -> dict[str, Any]:
             "no_data_replace": 0,
             "no_label_replace": -1,
         },
-        "dict_kwargs": {"tiled_inference_parameters": {"h_crop": image_size, "w_crop": image_size, "h_stride": image_size // 2, "w_stride": image_size // 2}},
     }
 
 
@@ -106,6 +107,8 @@ def sample_pretrained_cfg(
             "class_path": class_path,
             "init_args": {
                 "model_args": model_args,
+                # Overlapping tiles for images larger than the model's input (IO processors).
+                "tiled_inference_parameters": {"h_crop": image_size, "w_crop": image_size, "h_stride": image_size * 3 // 4, "w_stride": image_size * 3 // 4},
                 "model_factory": "EncoderDecoderFactory",
                 "lr": 0.001,
                 "freeze_backbone": False,
@@ -177,3 +180,40 @@ class _TrainingNote:
 
     def __init__(self, name: str) -> None:
         self.name = name
+
+
+def write_sample_geotiff(
+    path: str | Path,
+    height: int,
+    width: int,
+    *,
+    bands: int = len(BANDS),
+    seed: int = 0,
+    crs: str = "EPSG:32629",
+    origin: tuple[float, float] = (725000.0, 4375000.0),
+    pixel_size: float = 30.0,
+    nodata: int | None = -9999,
+) -> Path:
+    """A Sentinel-2-like int16 GeoTIFF (reflectance x 10000) with a UTM georeference.
+
+    The default origin lies near Valencia, the mission document's example scene. The content is
+    smooth random fields (not white noise), so predictions have structure worth looking at.
+    """
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.uniform(200, 4000, size=(1, bands, height // 16 + 2, width // 16 + 2)))
+    smooth = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=True)[0]
+    image = (smooth.numpy() + rng.normal(0, 50, size=(bands, height, width))).clip(0, 10000).astype(np.int16)
+    path = Path(path)
+    profile = {
+        "driver": "GTiff", "height": height, "width": width, "count": bands, "dtype": "int16",
+        "crs": crs, "transform": from_origin(origin[0], origin[1], pixel_size, pixel_size),
+    }
+    if nodata is not None:
+        profile["nodata"] = nodata
+    with rasterio.open(path, "w", **profile) as target:
+        target.write(image)
+    return path

@@ -1,0 +1,1 @@
+"""IO processors for TerraTorch models: request schema, data sources, settings and image tiling."""

@@ -1,0 +1,265 @@
+"""IO processors for `/pooling`: GeoTIFF in -> tiles through the engine -> georeferenced output.
+
+One base class does the shared work (fetch within policy, decode, normalise like the datamodule,
+tile with overlap, derive coordinates, stitch); each task subclass only turns the stitched model
+output into its result (class mask GeoTIFF, value GeoTIFF, class probabilities).
+
+All tiles of a request are returned as separate prompts, so vLLM batches them (with other
+requests' tiles). Per-request state between pre- and post-processing lives in a bounded table
+keyed by request id, removed when the request finishes, so failed requests cannot pile it up.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from vllm.plugins.io_processors.interface import IOProcessor
+from vllm.pooling_params import PoolingParams
+
+from vllm_terratorch.compat import logger
+from vllm_terratorch.config import PretrainedCfg, parse_pretrained_cfg
+from vllm_terratorch.errors import ConfigError, RequestError
+from vllm_terratorch.io.coords import centre_lon_lat
+from vllm_terratorch.io.geotiff import Raster, encode_geotiff, read_geotiff, write_new_file
+from vllm_terratorch.io.preprocessing import Preprocessing, check_band_count, preprocessing_from_config
+from vllm_terratorch.io.schema import GeoTiffRequest, PredictionOutput, parse_request
+from vllm_terratorch.io.settings import IOSettings, load_io_settings
+from vllm_terratorch.io.sources import SourcePolicy
+from vllm_terratorch.io.tiling import TilePlan, extract_tiles, plan_tiles, stitch, tiling_from_config
+
+OFFLINE_KEY = "offline"
+# Requests whose outputs never came back (engine error, client gone) are dropped after this long.
+PENDING_TTL_S = 3600.0
+PENDING_MAX = 4096
+
+
+@dataclass(frozen=True)
+class Pending:
+    """What post-processing needs to know about a request it did not see."""
+
+    request: GeoTiffRequest
+    plan: TilePlan
+    georef: Raster  # array holds only the nodata mask (1, H, W), not the pixels
+    created: float
+
+
+def _image_input(pretrained_cfg: PretrainedCfg) -> str:
+    spec = pretrained_cfg.input
+    if spec.target is not None:
+        return spec.target
+    images = [name for name, tensor in spec.data.items() if len(tensor.shape) >= 3]
+    if len(images) != 1:
+        raise ConfigError(
+            f"pretrained_cfg.input: cannot tell which input is the image ({list(spec.data)}); set input.target"
+        )
+    return images[0]
+
+
+class GeoTiffProcessor(IOProcessor):
+    """Shared pipeline; subclasses implement `finish`."""
+
+    task: ClassVar[str] = "segmentation"
+
+    def __init__(self, vllm_config: Any, renderer: Any = None) -> None:
+        super().__init__(vllm_config, renderer)
+        model_config = vllm_config.model_config
+        self.pretrained_cfg = parse_pretrained_cfg(
+            model_config.hf_config.to_dict().get("pretrained_cfg"), source=f"{model_config.model}: config.json pretrained_cfg"
+        )
+        self.dtype: torch.dtype = model_config.dtype
+        self.settings: IOSettings = load_io_settings()
+        self.policy = SourcePolicy(
+            self.settings,
+            getattr(model_config, "allowed_local_media_path", None),
+            getattr(model_config, "allowed_media_domains", None),
+        )
+        spec = self.pretrained_cfg.input
+        self.image_name = _image_input(self.pretrained_cfg)
+        image_shape = spec.data[self.image_name].shape
+        self.preprocessing: Preprocessing = preprocessing_from_config(self.pretrained_cfg.data, image_shape[0])
+        init_args = self.pretrained_cfg.model.init_args
+        self.tiling = tiling_from_config(init_args.get("tiled_inference_parameters"), (image_shape[-2], image_shape[-1]))
+        self.extra_inputs = [name for name in spec.data if name != self.image_name]
+        unsupported = [name for name in self.extra_inputs if name != "location_coords"]
+        if unsupported:
+            raise ConfigError(
+                f"the {self.task} IO processor can derive an image and location_coords from a GeoTIFF, "
+                f"but this model also takes {unsupported}; use the offline API to pass them"
+            )
+        self._pending: OrderedDict[str, Pending] = OrderedDict()
+        self._lock = threading.Lock()
+        logger.info(
+            "vllm-terratorch: %s IO processor: tiles %dx%d stride %dx%d, outputs under %s",
+            self.task, self.tiling.h_crop, self.tiling.w_crop, self.tiling.h_stride, self.tiling.w_stride,
+            self.settings.output_path,
+        )
+
+    # vLLM interface -------------------------------------------------------------------------
+
+    def parse_data(self, data: object) -> GeoTiffRequest:
+        return parse_request(data)
+
+    def merge_pooling_params(self, params: PoolingParams | None = None) -> PoolingParams:
+        params = params or PoolingParams(task="plugin")
+        if params.task is None:
+            params.task = "plugin"
+        return params
+
+    def pre_process(self, prompt: Any, request_id: str | None = None, **kwargs: Any) -> list[dict[str, Any]]:
+        request = parse_request(prompt)
+        self._check_output_target(request)
+        raster = read_geotiff(self.policy.read(request.data, request.data_format), self.settings.max_pixels)
+        image, nodata_mask = self._prepare(raster, request)
+        plan = plan_tiles(raster.height, raster.width, self.tiling)
+        tiles = torch.from_numpy(extract_tiles(image, plan)).to(self.dtype)
+        extras = self._extra_inputs(raster)
+        georef = Raster(array=nodata_mask, crs=raster.crs, transform=raster.transform, nodata=raster.nodata)
+        self._remember(request_id or OFFLINE_KEY, Pending(request, plan, georef, time.monotonic()))
+        return [
+            {"prompt_token_ids": [1], "multi_modal_data": {"image": {self.image_name: tile, **extras}}}
+            for tile in tiles
+        ]
+
+    def post_process(self, model_output: Sequence[Any], request_id: str | None = None, **kwargs: Any) -> PredictionOutput:
+        key = request_id or OFFLINE_KEY
+        with self._lock:
+            pending = self._pending.pop(key, None)
+        if pending is None:
+            raise RequestError(f"no pre-processed request {key!r} (it expired or was already answered)")
+        outputs = [output.outputs.data for output in model_output]
+        if len(outputs) != len(pending.plan):
+            raise RequestError(f"expected {len(pending.plan)} tile outputs, got {len(outputs)}")
+        return self.finish(outputs, pending, request_id)
+
+    # Pipeline steps -------------------------------------------------------------------------
+
+    def _prepare(self, raster: Raster, request: GeoTiffRequest) -> tuple[np.ndarray, np.ndarray]:
+        """Model-ready float32 image (C, H, W) and the input's nodata mask (1, H, W)."""
+        array = raster.array
+        if request.indices is not None:
+            if max(request.indices) >= array.shape[0]:
+                raise RequestError(
+                    f"indices {request.indices} name band {max(request.indices)}, but the GeoTIFF has {array.shape[0]} bands"
+                )
+            array = array[request.indices]
+            preprocessing = self.preprocessing.model_copy(update={"band_indices": None, "expected_file_bands": None})
+        else:
+            preprocessing = self.preprocessing
+        check_band_count(preprocessing, array.shape[0])
+        invalid = ~np.isfinite(array) if np.issubdtype(array.dtype, np.floating) else np.zeros(array.shape, bool)
+        if raster.nodata is not None and np.isfinite(raster.nodata):
+            invalid |= array == raster.nodata
+        mask = invalid.any(axis=0, keepdims=True)
+        image = preprocessing.apply(array, nodata=raster.nodata)
+        if not np.isfinite(image).all():
+            raise RequestError(
+                "the image has NaN or infinite pixel values that the model's datamodule does not replace "
+                "(set nodata on the GeoTIFF, or no_data_replace in the config's data section)"
+            )
+        return image, mask
+
+    def _extra_inputs(self, raster: Raster) -> dict[str, torch.Tensor]:
+        extras: dict[str, torch.Tensor] = {}
+        if "location_coords" in self.extra_inputs:
+            lon_lat = centre_lon_lat(raster)
+            if lon_lat is None:
+                raise RequestError("the model takes location_coords, but the GeoTIFF has no usable CRS/transform")
+            shape = self.pretrained_cfg.input.data["location_coords"].shape
+            extras["location_coords"] = torch.tensor(lon_lat, dtype=self.dtype).reshape(shape)
+        return extras
+
+    def _remember(self, key: str, pending: Pending) -> None:
+        with self._lock:
+            now = time.monotonic()
+            while self._pending and (
+                len(self._pending) >= PENDING_MAX or now - next(iter(self._pending.values())).created > PENDING_TTL_S
+            ):
+                self._pending.popitem(last=False)
+            self._pending[key] = pending
+
+    def _check_output_target(self, request: GeoTiffRequest) -> None:
+        if request.out_path is None:
+            return
+        if request.out_data_format != "path":
+            raise RequestError("out_path is only used with out_data_format 'path'")
+        self._output_file(request.out_path, "")
+
+    def _output_file(self, out_path: str | None, request_id: str) -> Path:
+        if out_path is None:
+            return self.settings.output_path / f"{request_id or uuid.uuid4().hex}.tiff"
+        relative = PurePosixPath(out_path)
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts or "\\" in out_path:
+            raise RequestError(
+                f"out_path {out_path!r} must be a relative file name inside the server's output folder "
+                "(no absolute paths, no '..')"
+            )
+        target = self.settings.output_path.joinpath(*relative.parts)
+        if target.exists():
+            raise RequestError(f"out_path {out_path!r} already exists in the output folder; outputs are never overwritten")
+        return target
+
+    def _deliver(self, payload: bytes, pending: Pending, request_id: str | None) -> PredictionOutput:
+        request = pending.request
+        if request.out_data_format == "b64_json":
+            return PredictionOutput(data_format="b64_json", data=base64.b64encode(payload).decode("ascii"), request_id=request_id)
+        target = self._output_file(request.out_path, request_id or "")
+        write_new_file(target, payload)
+        return PredictionOutput(data_format="path", data=str(target), request_id=request_id)
+
+    def finish(self, outputs: list[torch.Tensor], pending: Pending, request_id: str | None) -> PredictionOutput:
+        raise NotImplementedError
+
+
+class SegmentationProcessor(GeoTiffProcessor):
+    """Class mask (uint8 GeoTIFF); input nodata pixels are 255, the output's nodata value."""
+
+    task = "segmentation"
+    NODATA = 255
+
+    def finish(self, outputs: list[torch.Tensor], pending: Pending, request_id: str | None) -> PredictionOutput:
+        logits = stitch(outputs, pending.plan)
+        if logits.shape[0] >= self.NODATA:
+            raise RequestError(f"the model predicts {logits.shape[0]} classes; a uint8 mask holds at most 254")
+        mask = logits.argmax(axis=0).astype(np.uint8)[None]
+        mask[pending.georef.array] = self.NODATA
+        return self._deliver(encode_geotiff(mask, pending.georef, nodata=self.NODATA), pending, request_id)
+
+
+class RegressionProcessor(GeoTiffProcessor):
+    """Per-pixel values (float32 GeoTIFF); input nodata pixels are NaN, the output's nodata value."""
+
+    task = "regression"
+
+    def finish(self, outputs: list[torch.Tensor], pending: Pending, request_id: str | None) -> PredictionOutput:
+        values = stitch(outputs, pending.plan).astype(np.float32)
+        values[np.broadcast_to(pending.georef.array, values.shape)] = np.nan
+        return self._deliver(encode_geotiff(values, pending.georef, nodata=float("nan")), pending, request_id)
+
+
+class ClassificationProcessor(GeoTiffProcessor):
+    """Class probabilities of the whole image (JSON): tile logits averaged, then softmax."""
+
+    task = "classification"
+
+    def finish(self, outputs: list[torch.Tensor], pending: Pending, request_id: str | None) -> PredictionOutput:
+        logits = torch.stack([out.float().reshape(-1) for out in outputs]).mean(dim=0)
+        probabilities = torch.softmax(logits, dim=0).tolist()
+        names = (self.pretrained_cfg.data or {}).get("init_args", {}).get("class_names")
+        result = {
+            "predicted_class": int(np.argmax(probabilities)),
+            "probabilities": probabilities,
+            "tiles": len(outputs),
+        }
+        if isinstance(names, list) and len(names) == len(probabilities):
+            result["class_names"] = names
+        return PredictionOutput(data_format="json", data=result, request_id=request_id)

@@ -1,0 +1,67 @@
+"""The `/pooling` request `data` and response `data` of our IO processors (mission document schema)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vllm_terratorch.errors import RequestError
+
+DataFormat = Literal["url", "path", "b64_json"]
+OutDataFormat = Literal["path", "b64_json"]
+
+
+class GeoTiffRequest(BaseModel):
+    """`request["data"]`: one GeoTIFF in, one prediction out."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(min_length=1)
+    """The URL, the local path, or the base64-encoded GeoTIFF, as `data_format` says."""
+    data_format: DataFormat
+    out_data_format: OutDataFormat = "b64_json"
+    image_format: Literal["geoTiff"] = "geoTiff"
+    indices: list[int] | None = None
+    """Band indices (0-based) to take from the file, in model order; default: from the config."""
+    out_path: str | None = None
+    """A file name (or relative sub-path) inside the server's output folder for `path` outputs."""
+
+    @field_validator("indices")
+    @classmethod
+    def _indices_non_negative(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) < 0):
+            raise ValueError("indices must be a non-empty list of band indices >= 0")
+        return value
+
+
+class PredictionOutput(BaseModel):
+    """`response["data"]`: `data` is the output path or the base64 GeoTIFF (or the JSON result)."""
+
+    data_format: str
+    data: Any
+    request_id: str | None = None
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "data"
+        parts.append(f"data.{where}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def parse_request(data: Any) -> GeoTiffRequest:
+    """Validate `request["data"]`; every problem named, in one 400 message."""
+    if isinstance(data, GeoTiffRequest):
+        return data
+    if hasattr(data, "data") and not isinstance(data, dict):  # an IOProcessorRequest
+        data = data.data
+    if not isinstance(data, dict):
+        raise RequestError(
+            f"request 'data' must be an object with data, data_format, out_data_format, image_format; got {type(data).__name__}"
+        )
+    try:
+        return GeoTiffRequest.model_validate(data)
+    except ValidationError as error:
+        raise RequestError(f"invalid request: {_describe(error)}") from None

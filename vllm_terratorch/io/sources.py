@@ -1,0 +1,120 @@
+"""Fetch the bytes a request points at, within what the server allows.
+
+Local paths must lie under vLLM's `--allowed-local-media-path` (after resolving symlinks and `..`)
+and be regular files; URLs must be http(s), and when vLLM's `--allowed-media-domains` is set, every
+hop (redirects included) must be to one of those hosts; every source is capped in size and time.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import stat
+import time
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+from vllm_terratorch.errors import RequestError, SourceNotAllowedError
+from vllm_terratorch.io.settings import IOSettings
+
+_CHUNK = 1 << 20
+
+
+class SourcePolicy:
+    """What a request may read: vLLM's media settings plus our size and time limits."""
+
+    def __init__(self, settings: IOSettings, allowed_local_path: str | None, allowed_domains: list[str] | None) -> None:
+        self.settings = settings
+        self.allowed_root = Path(os.path.realpath(allowed_local_path)) if allowed_local_path else None
+        self.allowed_domains = {d.lower() for d in allowed_domains} if allowed_domains else None
+
+    def read(self, data: str, data_format: str) -> bytes:
+        if data_format == "b64_json":
+            return self.decode_base64(data)
+        if data_format == "path":
+            return self.read_path(data)
+        if data_format == "url":
+            return self.download(data)
+        raise RequestError(f"unknown data_format {data_format!r}; expected url, path or b64_json")
+
+    def decode_base64(self, text: str) -> bytes:
+        if len(text) > self.settings.max_bytes * 4 // 3 + 4:
+            raise RequestError(f"the base64 payload is larger than the server's limit of {self.settings.max_bytes} bytes")
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError("data is not valid base64 (data_format b64_json expects a base64-encoded GeoTIFF)") from None
+
+    def read_path(self, text: str) -> bytes:
+        if self.allowed_root is None:
+            raise SourceNotAllowedError(
+                "this server reads no local files: start it with --allowed-local-media-path DIR to allow "
+                "data_format 'path' for files under DIR, or send the image as b64_json"
+            )
+        candidate = Path(text)
+        if not candidate.is_absolute():
+            candidate = self.allowed_root / candidate
+        resolved = Path(os.path.realpath(candidate))
+        if not resolved.is_relative_to(self.allowed_root):
+            raise SourceNotAllowedError(f"path {text!r} is outside the allowed media folder {self.allowed_root}")
+        try:
+            fd = os.open(resolved, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except FileNotFoundError:
+            raise RequestError(f"path {text!r} does not exist under {self.allowed_root}") from None
+        except OSError as error:
+            raise RequestError(f"path {text!r} cannot be read: {error.strerror}") from None
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise RequestError(f"path {text!r} is not a regular file")
+            if info.st_size > self.settings.max_bytes:
+                raise RequestError(f"file {text!r} has {info.st_size} bytes; the server's limit is {self.settings.max_bytes}")
+            return handle.read(self.settings.max_bytes + 1)
+
+    def _check_url(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise SourceNotAllowedError(f"URL scheme {parts.scheme or '(none)'!r} is not allowed; use http or https")
+        host = (parts.hostname or "").lower()
+        if not host:
+            raise RequestError(f"URL {url!r} has no host")
+        if self.allowed_domains is not None and host not in self.allowed_domains:
+            raise SourceNotAllowedError(
+                f"host {host!r} is not in the server's --allowed-media-domains ({', '.join(sorted(self.allowed_domains))})"
+            )
+
+    def download(self, url: str) -> bytes:
+        import requests
+
+        settings = self.settings
+        started = time.monotonic()
+        for _ in range(settings.url_max_redirects + 1):
+            self._check_url(url)
+            try:
+                response = requests.get(url, stream=True, timeout=settings.url_timeout_s, allow_redirects=False)
+            except requests.Timeout:
+                raise RequestError(f"downloading {url} timed out after {settings.url_timeout_s:g} s") from None
+            except requests.RequestException as error:
+                raise RequestError(f"cannot download {url}: {type(error).__name__}") from None
+            with response:
+                if response.is_redirect:
+                    url = urljoin(url, response.headers.get("location", ""))
+                    continue
+                if response.status_code != 200:
+                    raise RequestError(f"downloading {url} failed with HTTP {response.status_code}")
+                declared = response.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > settings.max_bytes:
+                    raise RequestError(f"{url} is {declared} bytes; the server's limit is {settings.max_bytes}")
+                body = bytearray()
+                try:
+                    for chunk in response.iter_content(_CHUNK):
+                        body += chunk
+                        if time.monotonic() - started > settings.url_timeout_s:
+                            raise RequestError(f"downloading {url} took longer than {settings.url_timeout_s:g} s")
+                        if len(body) > settings.max_bytes:
+                            raise RequestError(f"{url} is larger than the server's limit of {settings.max_bytes} bytes")
+                except requests.RequestException as error:
+                    raise RequestError(f"downloading {url} failed: {type(error).__name__}") from None
+                return bytes(body)
+        raise RequestError(f"{url}: more than {settings.url_max_redirects} redirects")

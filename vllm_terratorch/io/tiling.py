@@ -1,0 +1,174 @@
+"""Cut an image of any size into model-sized tiles, and stitch per-tile outputs back together.
+
+A TerraTorch model takes a fixed input size, but a GeoTIFF can be any size. The IO processor plans
+the tiles once (`plan_tiles`), sends every tile to the engine as one batch (`extract_tiles`), and
+blends the per-pixel outputs back into an array of exactly the image's size (`stitch`). Overlapping
+tiles are weighted by a window that tapers towards each tile's edge, where a model sees the least
+context, so the seams between tiles do not show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
+
+PaddingMode = Literal["reflect", "constant", "edge"]
+
+
+class TilingConfig(BaseModel):
+    """Tile size (crop), step between tiles (stride), and how edges are padded and overlaps blended."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    h_crop: PositiveInt
+    w_crop: PositiveInt
+    h_stride: PositiveInt
+    w_stride: PositiveInt
+    padding: PaddingMode = "reflect"
+    # True: weight tiles by a window tapering towards their edges; False: plain average.
+    blend_overlaps: bool = True
+
+    @model_validator(mode="after")
+    def _stride_within_crop(self) -> TilingConfig:
+        # A stride larger than the crop would leave gaps: pixels no tile covers.
+        for axis in ("h", "w"):
+            stride, crop = getattr(self, f"{axis}_stride"), getattr(self, f"{axis}_crop")
+            if stride > crop:
+                raise ValueError(
+                    f"{axis}_stride ({stride}) must not exceed {axis}_crop ({crop}), "
+                    "or some pixels would be covered by no tile"
+                )
+        return self
+
+
+def tiling_from_config(params: Mapping[str, Any] | None, default_hw: tuple[int, int]) -> TilingConfig:
+    """Build a `TilingConfig` from TerraTorch's `tiled_inference_parameters`.
+
+    `h_crop`/`w_crop` override the `crop` shorthand, which overrides `default_hw` (the model's input
+    size from its input spec). Strides likewise (`h_stride`/`w_stride`, then `stride`) and default to
+    the crop: no overlap. TerraTorch's `padding=False` maps to zero ("constant") padding and `True`
+    to "reflect". `delta`, `average_patches` and `batch_size` do not apply here and are ignored.
+    """
+    params = dict(params or {})
+    h_crop = params.get("h_crop", params.get("crop", default_hw[0]))
+    w_crop = params.get("w_crop", params.get("crop", default_hw[1]))
+    fields: dict[str, Any] = {
+        "h_crop": h_crop,
+        "w_crop": w_crop,
+        "h_stride": params.get("h_stride", params.get("stride", h_crop)),
+        "w_stride": params.get("w_stride", params.get("stride", w_crop)),
+    }
+    padding = params.get("padding")
+    if padding is not None:
+        fields["padding"] = {True: "reflect", False: "constant"}.get(padding, padding)
+    if params.get("blend_overlaps") is not None:
+        fields["blend_overlaps"] = params["blend_overlaps"]
+    return TilingConfig(**fields)
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Where the tiles of one image lie: the image sits at the top-left of the padded image."""
+
+    height: int
+    width: int
+    padded_height: int
+    padded_width: int
+    origins: tuple[tuple[int, int], ...]  # (top, left) of each tile in the padded image, row-major
+    config: TilingConfig
+
+    def __len__(self) -> int:
+        return len(self.origins)
+
+
+def _padded_size(size: int, crop: int, stride: int) -> int:
+    """Smallest size >= max(size, crop) that a whole number of strides past one crop fills exactly."""
+    padded = max(size, crop)
+    return padded + (-(padded - crop)) % stride
+
+
+def plan_tiles(height: int, width: int, config: TilingConfig) -> TilePlan:
+    """Plan the fewest tiles, at the configured stride, that cover every pixel of a (height, width) image."""
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be at least 1x1, got {height}x{width}")
+    c = config
+    padded_h = _padded_size(height, c.h_crop, c.h_stride)
+    padded_w = _padded_size(width, c.w_crop, c.w_stride)
+    origins = tuple(
+        (top, left)
+        for top in range(0, padded_h - c.h_crop + 1, c.h_stride)
+        for left in range(0, padded_w - c.w_crop + 1, c.w_stride)
+    )
+    return TilePlan(height, width, padded_h, padded_w, origins, config)
+
+
+def extract_tiles(image: np.ndarray, plan: TilePlan) -> np.ndarray:
+    """Cut a (C, H, W) image into the plan's tiles: (N, C, h_crop, w_crop), padded at bottom/right."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[1:] != (plan.height, plan.width):
+        raise ValueError(f"expected an image of shape (C, {plan.height}, {plan.width}), got {image.shape}")
+    padded = image
+    pads = ((0, plan.padded_height - plan.height), (0, plan.padded_width - plan.width))
+    for axis, (pad, size) in zip((1, 2), zip(pads, (plan.height, plan.width)), strict=True):
+        if pad[1] == 0:
+            continue
+        mode = plan.config.padding
+        # There is nothing to mirror in a 1-pixel axis: repeat the pixel instead.
+        if mode == "reflect" and size == 1:
+            mode = "edge"
+        widths = [(0, 0)] * 3
+        widths[axis] = pad
+        padded = np.pad(padded, widths, mode=mode)
+    h, w = plan.config.h_crop, plan.config.w_crop
+    return np.stack([padded[:, top : top + h, left : left + w] for top, left in plan.origins])
+
+
+def _window(crop: int, stride: int, blend: bool) -> np.ndarray:
+    """1-D tile weights: a linear ramp over the overlap at each end, never zero, flat in the middle.
+
+    Where two tiles overlap, their ramps sum to a constant, so the blend is a linear cross-fade.
+    The ramp never reaches zero, so a pixel that only one tile covers still gets that tile's value.
+    """
+    overlap = crop - stride
+    if not blend or overlap == 0:
+        return np.ones(crop)
+    distance = np.minimum(np.arange(crop), np.arange(crop)[::-1]) + 0.5
+    return np.minimum(distance / overlap, 1.0)
+
+
+def _as_numpy(tile: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(tile, torch.Tensor):
+        # numpy has no bfloat16; float32 holds every float dtype a model returns.
+        return tile.detach().to(device="cpu", dtype=torch.float32).numpy()
+    return np.asarray(tile, dtype=np.float32)
+
+
+def stitch(
+    outputs: Sequence[np.ndarray | torch.Tensor] | np.ndarray | torch.Tensor, plan: TilePlan
+) -> np.ndarray:
+    """Blend per-tile outputs, each (K, h_crop, w_crop) or (h_crop, w_crop), into one (K, H, W) float32 array."""
+    tiles = [_as_numpy(tile) for tile in outputs]
+    if len(tiles) != len(plan):
+        raise ValueError(f"expected {len(plan)} tile outputs (one per tile), got {len(tiles)}")
+    c = plan.config
+    tiles = [tile[None] if tile.ndim == 2 else tile for tile in tiles]
+    channels = tiles[0].shape[0] if tiles else 1
+    expected = (channels, c.h_crop, c.w_crop)
+    for index, tile in enumerate(tiles):
+        if tile.shape != expected:
+            raise ValueError(
+                f"tile output {index} has shape {tile.shape}, expected {expected} "
+                "((K, h_crop, w_crop) or (h_crop, w_crop)): outputs must be at the tile's resolution"
+            )
+    weight = np.outer(_window(c.h_crop, c.h_stride, c.blend_overlaps), _window(c.w_crop, c.w_stride, c.blend_overlaps))
+    total = np.zeros((channels, plan.padded_height, plan.padded_width))
+    weights = np.zeros((plan.padded_height, plan.padded_width))
+    for (top, left), tile in zip(plan.origins, tiles, strict=True):
+        total[:, top : top + c.h_crop, left : left + c.w_crop] += tile * weight
+        weights[top : top + c.h_crop, left : left + c.w_crop] += weight
+    return (total / weights)[:, : plan.height, : plan.width].astype(np.float32)
