@@ -127,10 +127,11 @@ def build_sample_task(pretrained_cfg: dict[str, Any], seed: int = 0) -> Any:
         torch.manual_seed(seed)
         task = build_task(config.pretrained_cfg.model)
         # Random, not default, values everywhere (norms and biases included), so that a weight
-        # that fails to load shows up as a different output.
-        for tensor in task.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.add_(torch.randn_like(tensor) * 0.02)
+        # that fails to load shows up as a different output; scaled to each tensor's own spread
+        # so that predictions vary across the image instead of collapsing to one class.
+        for parameter in task.parameters():
+            spread = float(parameter.detach().std()) if parameter.numel() > 1 else 0.0
+            parameter.data.add_(torch.randn_like(parameter) * max(spread, 0.05))
     return task.eval()
 
 
