@@ -15,8 +15,8 @@ import pytest
 import rasterio
 import requests
 import torch
-from server import DOCUMENTED, Server
 
+from vllm_terratorch.launcher import DOCUMENTED, Server
 from vllm_terratorch.samples import MEANS, STDS, build_sample_task, sample_pretrained_cfg, write_model_folder, write_sample_geotiff
 
 pytestmark = pytest.mark.integration
@@ -48,7 +48,7 @@ def media_url(workdir):
 
 @pytest.fixture(scope="module")
 def server(workdir):
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TERRATORCH_IO_CONFIG": json.dumps({"output_path": str(workdir / "outputs")})}
+    env = {"VLLM_TERRATORCH_IO_CONFIG": json.dumps({"output_path": str(workdir / "outputs")})}
     # The documented line, plus where local files may be read from.
     server = Server(workdir / "model", [*DOCUMENTED, "--allowed-local-media-path", str(workdir / "media")], workdir / "server.log", env)
     try:

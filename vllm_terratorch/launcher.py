@@ -1,4 +1,9 @@
-"""A real `vllm serve` process for integration tests, started with the documented command line."""
+"""Start and stop a real `vllm serve` process (used by `make demo`, the tests and the benchmarks).
+
+It runs the documented command line through the `vllm` script beside the running interpreter
+(ours: see vllm_cli.py), on a loopback port, in its own process group so that stopping it also
+stops the engine-core and worker processes it spawned.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from pathlib import Path
 import requests
 
 VLLM = str(Path(sys.executable).with_name("vllm"))
+# The flags of the mission document's `vllm serve` line.
 DOCUMENTED = ["--io-processor-plugin", "terratorch_segmentation", "--model-impl", "terratorch", "--skip-tokenizer-init", "--enforce-eager"]
 
 
@@ -33,8 +39,11 @@ class Server:
         self.log_path = log
         command = [VLLM, "serve", self.model, *args, "--host", "127.0.0.1", "--port", str(self.port)]
         self._log = open(log, "w")  # noqa: SIM115 - closed in close()
+        # CPU builds of vLLM reserve 4 GiB of KV cache by default; an attention-free model needs none.
+        environment = {**os.environ, **(env or {})}
+        environment.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=environment, start_new_session=True
         )
 
     def wait_ready(self, timeout_s: float = 300) -> None:
@@ -53,9 +62,16 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def pooling(self, data: dict, timeout: float = 120) -> requests.Response:
+    def pooling(self, data: dict[str, object], timeout: float = 120) -> requests.Response:
+        """POST the mission document's payload shape: the IO processor's `data`, model, softmax."""
         payload = {"data": data, "model": self.model, "softmax": False}
         return requests.post(f"{self.url}/pooling", json=payload, timeout=timeout)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.process.poll() is None:
