@@ -100,6 +100,12 @@ def sample_pretrained_cfg(
         class_path, extra, data = "terratorch.tasks.ClassificationTask", {"loss": "ce"}, "Classification"
     else:
         raise ValueError(f"unknown sample task {task!r}; expected segmentation, regression or classification")
+    # Pixel-wise tasks: overlapping tiles for images larger than the model input (IO processors).
+    # ClassificationTask takes no such argument.
+    stride = image_size * 3 // 4
+    tiling = {} if task == "classification" else {
+        "tiled_inference_parameters": {"h_crop": image_size, "w_crop": image_size, "h_stride": stride, "w_stride": stride}
+    }
     return {
         "seed_everything": 0,
         "input": input_spec,
@@ -107,13 +113,12 @@ def sample_pretrained_cfg(
             "class_path": class_path,
             "init_args": {
                 "model_args": model_args,
-                # Overlapping tiles for images larger than the model's input (IO processors).
-                "tiled_inference_parameters": {"h_crop": image_size, "w_crop": image_size, "h_stride": image_size * 3 // 4, "w_stride": image_size * 3 // 4},
                 "model_factory": "EncoderDecoderFactory",
                 "lr": 0.001,
                 "freeze_backbone": False,
                 "freeze_decoder": False,
                 **extra,
+                **tiling,
             },
         },
         "data": _datamodule(image_size, data),
