@@ -15,7 +15,7 @@ def centre_lon_lat(raster: Raster) -> tuple[float, float] | None:
         return None
     from rasterio.warp import transform
 
-    x, y = raster.transform * (raster.width / 2, raster.height / 2)
+    x, y = raster.transform @ (raster.width / 2, raster.height / 2)
     lons, lats = transform(raster.crs, "EPSG:4326", [x], [y])
     lon, lat = float(lons[0]), float(lats[0])
     if not (np.isfinite(lon) and np.isfinite(lat)):

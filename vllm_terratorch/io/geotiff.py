@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,18 +73,3 @@ def encode_geotiff(array: np.ndarray, like: Raster, nodata: float | None = None)
         with memory.open(**profile) as target:
             target.write(array)
         return memory.read()
-
-
-def write_new_file(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically (temp file + rename) and never over an existing file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        # link() fails if the target exists: an existing output is never replaced.
-        os.link(temp, path)
-    except FileExistsError:
-        raise RequestError(f"output {path.name} already exists; choose another out_path") from None
-    finally:
-        os.unlink(temp)

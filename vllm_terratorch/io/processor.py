@@ -14,11 +14,9 @@ from __future__ import annotations
 import base64
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
 import numpy as np
@@ -30,7 +28,8 @@ from vllm_terratorch.compat import logger
 from vllm_terratorch.config import PretrainedCfg, parse_pretrained_cfg
 from vllm_terratorch.errors import ConfigError, RequestError
 from vllm_terratorch.io.coords import centre_lon_lat
-from vllm_terratorch.io.geotiff import Raster, encode_geotiff, read_geotiff, write_new_file
+from vllm_terratorch.io.geotiff import Raster, encode_geotiff, read_geotiff
+from vllm_terratorch.io.outputs import output_file, write_new_file
 from vllm_terratorch.io.preprocessing import Preprocessing, check_band_count, preprocessing_from_config
 from vllm_terratorch.io.schema import GeoTiffRequest, PredictionOutput, parse_request
 from vllm_terratorch.io.settings import IOSettings, load_io_settings
@@ -192,27 +191,13 @@ class GeoTiffProcessor(IOProcessor):
             return
         if request.out_data_format != "path":
             raise RequestError("out_path is only used with out_data_format 'path'")
-        self._output_file(request.out_path, "")
-
-    def _output_file(self, out_path: str | None, request_id: str) -> Path:
-        if out_path is None:
-            return self.settings.output_path / f"{request_id or uuid.uuid4().hex}.tiff"
-        relative = PurePosixPath(out_path)
-        if relative.is_absolute() or ".." in relative.parts or not relative.parts or "\\" in out_path:
-            raise RequestError(
-                f"out_path {out_path!r} must be a relative file name inside the server's output folder "
-                "(no absolute paths, no '..')"
-            )
-        target = self.settings.output_path.joinpath(*relative.parts)
-        if target.exists():
-            raise RequestError(f"out_path {out_path!r} already exists in the output folder; outputs are never overwritten")
-        return target
+        output_file(self.settings.output_path, request.out_path, None)
 
     def _deliver(self, payload: bytes, pending: Pending, request_id: str | None) -> PredictionOutput:
         request = pending.request
         if request.out_data_format == "b64_json":
             return PredictionOutput(data_format="b64_json", data=base64.b64encode(payload).decode("ascii"), request_id=request_id)
-        target = self._output_file(request.out_path, request_id or "")
+        target = output_file(self.settings.output_path, request.out_path, request_id)
         write_new_file(target, payload)
         return PredictionOutput(data_format="path", data=str(target), request_id=request_id)
 

@@ -64,10 +64,11 @@ class SourcePolicy:
             raise RequestError(f"path {text!r} does not exist under {self.allowed_root}") from None
         except OSError as error:
             raise RequestError(f"path {text!r} cannot be read: {error.strerror}") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise RequestError(f"path {text!r} is not a regular file")
         with os.fdopen(fd, "rb") as handle:
-            info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise RequestError(f"path {text!r} is not a regular file")
             if info.st_size > self.settings.max_bytes:
                 raise RequestError(f"file {text!r} has {info.st_size} bytes; the server's limit is {self.settings.max_bytes}")
             return handle.read(self.settings.max_bytes + 1)
