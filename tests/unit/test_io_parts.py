@@ -90,3 +90,21 @@ def test_png_is_not_a_geotiff(tmp_path):
         target.write(np.zeros((1, 4, 4), dtype=np.uint8))
     with pytest.raises(RequestError, match="expected a GeoTIFF"):
         read_geotiff((tmp_path / "x.png").read_bytes(), max_pixels=1000)
+
+
+@pytest.mark.parametrize(
+    ("tags", "name", "expected"),
+    [
+        ({"TIFFTAG_DATETIME": "2024:10:26 10:50:31"}, None, (2024, 300)),
+        ({}, "https://huggingface.co/x/resolve/main/valencia_example_2024-10-26.tiff", (2024, 300)),
+        ({}, "S2A_MSIL2A_20240105T105031_N0510.tif", (2024, 5)),
+        ({}, "scene_2023_02_01.tif", (2023, 32)),
+        ({}, "scene.tif", None),
+        ({}, "scene_2024-13-45.tif", None),
+    ],
+)
+def test_acquisition_date(tags, name, expected):
+    from vllm_terratorch.io.coords import acquisition_date, year_and_day
+
+    when = acquisition_date(tags, name)
+    assert (year_and_day(when) if when else None) == expected

@@ -54,3 +54,22 @@ def test_vllm_plugin_loading_picks_ours():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"SERVED_BY {OURS}" in result.stdout
+
+
+def test_io_processor_names_resolve_to_ours_although_terratorch_registers_them_too():
+    names = [ep.name for ep in entry_points(group="vllm.io_processor_plugins")]
+    assert names.count("terratorch_segmentation") == 2  # TerraTorch's and ours: a real clash
+    script = (
+        "from vllm.plugins import load_general_plugins, IO_PROCESSOR_PLUGINS_GROUP\n"
+        "load_general_plugins()\n"
+        "from vllm.plugins import io_processors\n"
+        "plugins = io_processors.load_plugins_by_group(IO_PROCESSOR_PLUGINS_GROUP)\n"
+        "for name in sorted(plugins): print('PLUGIN', name, plugins[name]())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resolved = dict(line.split()[1:] for line in result.stdout.splitlines() if line.startswith("PLUGIN"))
+    assert resolved["terratorch_segmentation"] == "vllm_terratorch.io.processor.SegmentationProcessor"
+    assert resolved["terratorch_regression"] == "vllm_terratorch.io.processor.RegressionProcessor"
+    assert resolved["terratorch_classification"] == "vllm_terratorch.io.processor.ClassificationProcessor"
+    assert resolved["terratorch_tm_segmentation"].startswith("terratorch.")  # others untouched

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import date
+import re
+from collections.abc import Mapping
+from datetime import date, datetime
 
 import numpy as np
 
@@ -21,6 +23,28 @@ def centre_lon_lat(raster: Raster) -> tuple[float, float] | None:
     if not (np.isfinite(lon) and np.isfinite(lat)):
         return None
     return lon, lat
+
+
+# 2024-10-26, 2024_10_26, 20241026 (also as in Sentinel-2 names: 20241026T105031).
+_NAME_DATE = re.compile(r"(?<!\d)(\d{4})[-_]?(\d{2})[-_]?(\d{2})(?!\d)|(?<!\d)(\d{4})(\d{2})(\d{2})T\d{6}")
+
+
+def acquisition_date(tags: Mapping[str, str], name: str | None) -> date | None:
+    """When the image was taken: the TIFF DATETIME tag, else a date in the file name."""
+    stamp = tags.get("TIFFTAG_DATETIME") or tags.get("ACQUISITION_DATE")
+    if stamp:
+        for layout in ("%Y:%m:%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"):
+            try:
+                return datetime.strptime(stamp.strip()[: len(layout) + 2], layout).date()
+            except ValueError:
+                continue
+    for match in _NAME_DATE.finditer(name or ""):
+        year, month, day = (int(g) for g in (match.groups()[:3] if match.group(1) else match.groups()[3:]))
+        try:
+            return date(year, month, day)
+        except ValueError:
+            continue
+    return None
 
 
 def year_and_day(when: date) -> tuple[int, int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ class Raster:
     crs: Any
     transform: Any
     nodata: float | None
+    tags: dict[str, str] = field(default_factory=dict)
 
     @property
     def height(self) -> int:
@@ -46,7 +47,7 @@ def read_geotiff(data: bytes, max_pixels: int) -> Raster:
                     f"the GeoTIFF is {source.width}x{source.height} pixels; the server's limit is {max_pixels} pixels"
                 )
             array = source.read()
-            return Raster(array=array, crs=source.crs, transform=source.transform, nodata=source.nodata)
+            return Raster(array=array, crs=source.crs, transform=source.transform, nodata=source.nodata, tags=source.tags())
     except RasterioError as error:
         raise RequestError(f"the input is not a readable GeoTIFF: {error}") from None
 

@@ -27,7 +27,7 @@ from vllm.pooling_params import PoolingParams
 from vllm_terratorch.compat import logger
 from vllm_terratorch.config import PretrainedCfg, parse_pretrained_cfg
 from vllm_terratorch.errors import ConfigError, RequestError
-from vllm_terratorch.io.coords import centre_lon_lat
+from vllm_terratorch.io.coords import acquisition_date, centre_lon_lat, year_and_day
 from vllm_terratorch.io.geotiff import Raster, encode_geotiff, read_geotiff
 from vllm_terratorch.io.outputs import output_file, write_new_file
 from vllm_terratorch.io.preprocessing import Preprocessing, check_band_count, preprocessing_from_config
@@ -89,10 +89,10 @@ class GeoTiffProcessor(IOProcessor):
         init_args = self.pretrained_cfg.model.init_args
         self.tiling = tiling_from_config(init_args.get("tiled_inference_parameters"), (image_shape[-2], image_shape[-1]))
         self.extra_inputs = [name for name in spec.data if name != self.image_name]
-        unsupported = [name for name in self.extra_inputs if name != "location_coords"]
+        unsupported = [name for name in self.extra_inputs if name not in ("location_coords", "temporal_coords")]
         if unsupported:
             raise ConfigError(
-                f"the {self.task} IO processor can derive an image and location_coords from a GeoTIFF, "
+                f"the {self.task} IO processor can derive an image, location_coords and temporal_coords from a GeoTIFF, "
                 f"but this model also takes {unsupported}; use the offline API to pass them"
             )
         self._pending: OrderedDict[str, Pending] = OrderedDict()
@@ -121,8 +121,8 @@ class GeoTiffProcessor(IOProcessor):
         image, nodata_mask = self._prepare(raster, request)
         plan = plan_tiles(raster.height, raster.width, self.tiling)
         tiles = torch.from_numpy(extract_tiles(image, plan)).to(self.dtype)
-        extras = self._extra_inputs(raster)
-        georef = Raster(array=nodata_mask, crs=raster.crs, transform=raster.transform, nodata=raster.nodata)
+        extras = self._extra_inputs(raster, request)
+        georef = Raster(array=nodata_mask, crs=raster.crs, transform=raster.transform, nodata=raster.nodata, tags=raster.tags)
         self._remember(request_id or OFFLINE_KEY, Pending(request, plan, georef, time.monotonic()))
         return [
             {"prompt_token_ids": [1], "multi_modal_data": {"image": {self.image_name: tile, **extras}}}
@@ -167,8 +167,18 @@ class GeoTiffProcessor(IOProcessor):
             )
         return image, mask
 
-    def _extra_inputs(self, raster: Raster) -> dict[str, torch.Tensor]:
+    def _extra_inputs(self, raster: Raster, request: GeoTiffRequest) -> dict[str, torch.Tensor]:
         extras: dict[str, torch.Tensor] = {}
+        if "temporal_coords" in self.extra_inputs:
+            name = request.data if request.data_format != "b64_json" else None
+            when = acquisition_date(raster.tags, name)
+            if when is None:
+                raise RequestError(
+                    "the model takes temporal_coords, but the GeoTIFF has no TIFFTAG_DATETIME tag and its "
+                    "name has no date (e.g. scene_2024-10-26.tif)"
+                )
+            shape = self.pretrained_cfg.input.data["temporal_coords"].shape
+            extras["temporal_coords"] = torch.tensor(year_and_day(when), dtype=self.dtype).reshape(shape)
         if "location_coords" in self.extra_inputs:
             lon_lat = centre_lon_lat(raster)
             if lon_lat is None:
