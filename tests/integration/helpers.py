@@ -36,6 +36,21 @@ def engine(model: Path | str, **kwargs: Any) -> Iterator[Any]:
         gc.collect()
 
 
+def module_engine(pretrained_cfg: dict[str, Any], weight_format: str = "ckpt", **engine_kwargs: Any) -> Any:
+    """A module-scoped fixture: one engine over `pretrained_cfg` written to a tmp dir."""
+    import pytest
+
+    from vllm_terratorch.samples import write_model_folder
+
+    @pytest.fixture(scope="module")
+    def llm(tmp_path_factory: Any) -> Iterator[Any]:
+        folder = write_model_folder(tmp_path_factory.mktemp("model"), pretrained_cfg, weight_format=weight_format)  # type: ignore[arg-type]
+        with engine(folder, **engine_kwargs) as running:
+            yield running
+
+    return llm
+
+
 def encode(llm: Any, requests: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
     """The documented offline request form; one output tensor per request, in order."""
     prompts = [{"prompt_token_ids": [1], "multi_modal_data": {"image": dict(r)}} for r in requests]

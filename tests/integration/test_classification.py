@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from helpers import distinct_requests, encode, engine, max_abs_diff, reference_outputs
+from helpers import distinct_requests, encode, module_engine, max_abs_diff, reference_outputs
 
-from vllm_terratorch.samples import sample_pretrained_cfg, write_model_folder
+from vllm_terratorch.samples import sample_pretrained_cfg
 
 pytestmark = pytest.mark.integration
 CFG = sample_pretrained_cfg("classification")
 
 
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    folder = write_model_folder(tmp_path_factory.mktemp("cls"), CFG, weight_format="safetensors")
-    with engine(folder, max_num_seqs=5) as llm:
-        yield llm
+llm = module_engine(CFG, "safetensors", max_num_seqs=5)
 
 
 def test_batched_requests_match_plain_forward(llm):

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import distinct_requests, encode, engine, reference_outputs
+from helpers import distinct_requests, encode, module_engine, reference_outputs
 
-from vllm_terratorch.samples import sample_pretrained_cfg, write_model_folder
+from vllm_terratorch.samples import sample_pretrained_cfg
 
 pytestmark = pytest.mark.integration
 CFG = sample_pretrained_cfg("segmentation")
 
 
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    folder = write_model_folder(tmp_path_factory.mktemp("bf16"), CFG)
-    with engine(folder, dtype="bfloat16") as llm:
-        yield llm
+llm = module_engine(CFG, dtype="bfloat16")
 
 
 def test_bfloat16_engine_matches_bfloat16_forward(llm):

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import pytest
-from helpers import distinct_requests, encode, engine, max_abs_diff, reference_outputs
+from helpers import distinct_requests, encode, module_engine, max_abs_diff, reference_outputs
 
-from vllm_terratorch.samples import sample_pretrained_cfg, write_model_folder
+from vllm_terratorch.samples import sample_pretrained_cfg
 
 pytestmark = pytest.mark.integration
 CFG = sample_pretrained_cfg("regression")
 
 
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    assert "target" not in CFG["input"]
-    folder = write_model_folder(tmp_path_factory.mktemp("reg"), CFG, weight_format="pt")
-    with engine(folder) as llm:
-        yield llm
+llm = module_engine(CFG, "pt")
 
 
 def test_batched_requests_match_plain_forward(llm):
+    assert "target" not in CFG["input"]
     requests = distinct_requests(CFG["input"], 9, seed=11)
     outputs = encode(llm, requests)
     assert [tuple(o.shape) for o in outputs] == [(64, 64)] * 9

@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import distinct_requests, encode, engine, max_abs_diff, reference_outputs
+from helpers import distinct_requests, encode, module_engine, max_abs_diff, reference_outputs
 
-from vllm_terratorch.samples import sample_pretrained_cfg, write_model_folder
+from vllm_terratorch.samples import sample_pretrained_cfg
 
 pytestmark = pytest.mark.integration
 CFG = sample_pretrained_cfg("segmentation")
 
 
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    folder = write_model_folder(tmp_path_factory.mktemp("seg"), CFG, weight_format="ckpt")
-    # max_num_seqs < request count: several engine steps, each a batch of distinct requests.
-    with engine(folder, max_num_seqs=4) as llm:
-        yield llm
+# max_num_seqs < request count: several engine steps, each a batch of distinct requests.
+llm = module_engine(CFG, "ckpt", max_num_seqs=4)
 
 
 def test_batched_requests_match_plain_forward(llm):

@@ -24,9 +24,15 @@ print("SERVED_BY", f"{entry.module_name}.{entry.class_name}")
 """
 
 
-def served_by(order: str) -> tuple[str, str]:
-    result = subprocess.run([sys.executable, "-c", SCRIPT, order], capture_output=True, text=True, timeout=300)
+def run_python(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`script` in a fresh interpreter (a fresh vLLM registry), which must succeed."""
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def served_by(order: str) -> tuple[str, str]:
+    result = run_python(SCRIPT, order)
     line = next(line for line in result.stdout.splitlines() if line.startswith("SERVED_BY"))
     return line.split()[1], result.stdout + result.stderr
 
@@ -51,8 +57,7 @@ def test_vllm_plugin_loading_picks_ours():
         "e = ModelRegistry.models['Terratorch']\n"
         "print('SERVED_BY', e.module_name + '.' + e.class_name)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_python(script)
     assert f"SERVED_BY {OURS}" in result.stdout
 
 
@@ -66,8 +71,7 @@ def test_io_processor_names_resolve_to_ours_although_terratorch_registers_them_t
         "plugins = io_processors.load_plugins_by_group(IO_PROCESSOR_PLUGINS_GROUP)\n"
         "for name in sorted(plugins): print('PLUGIN', name, plugins[name]())\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_python(script)
     resolved = dict(line.split()[1:] for line in result.stdout.splitlines() if line.startswith("PLUGIN"))
     assert resolved["terratorch_segmentation"] == "vllm_terratorch.io.processor.SegmentationProcessor"
     assert resolved["terratorch_regression"] == "vllm_terratorch.io.processor.RegressionProcessor"
