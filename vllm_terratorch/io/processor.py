@@ -145,7 +145,12 @@ class GeoTiffProcessor(IOProcessor):
     def _prepare(self, raster: Raster, request: GeoTiffRequest) -> tuple[np.ndarray, np.ndarray]:
         """Model-ready float32 image (C, H, W) and the input's nodata mask (1, H, W)."""
         array = raster.array
+        if array.dtype.kind not in "iuf":
+            raise RequestError(f"the GeoTIFF's pixels are {array.dtype}; expected integer or floating-point bands")
         if request.indices is not None:
+            model_bands = self.pretrained_cfg.input.data[self.image_name].shape[0]
+            if len(request.indices) != model_bands:
+                raise RequestError(f"indices selects {len(request.indices)} bands; the model takes {model_bands}")
             if max(request.indices) >= array.shape[0]:
                 raise RequestError(
                     f"indices {request.indices} name band {max(request.indices)}, but the GeoTIFF has {array.shape[0]} bands"

@@ -1,0 +1,259 @@
+"""Hostile input against one real server: every bad request gets a 4xx naming the problem, the
+next good request still succeeds, nothing is read or written outside what was allowed, and
+concurrent requests each get their own result."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.server
+import io
+import json
+import os
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import rasterio
+import requests
+
+from vllm_terratorch.launcher import DOCUMENTED, Server
+from vllm_terratorch.samples import sample_pretrained_cfg, write_model_folder, write_sample_geotiff
+
+pytestmark = pytest.mark.integration
+MAX_PIXELS = 300 * 300
+MAX_BYTES = 3_000_000
+
+
+class Media(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path == "/huge":
+            self.send_response(200)
+            self.end_headers()
+            for _ in range(MAX_BYTES // 65536 + 2):
+                self.wfile.write(b"\0" * 65536)
+        elif self.path.startswith("/redirect/"):
+            self.send_response(302)
+            self.send_header("Location", "http://localhost:%d/tile.tif" % self.server.server_address[1])
+            self.end_headers()
+        else:
+            super().do_GET()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    media, outputs, private = root / "media", root / "outputs", root / "private"
+    for folder in (media, outputs, private):
+        folder.mkdir()
+    write_model_folder(root / "model", sample_pretrained_cfg("segmentation"))
+    write_sample_geotiff(media / "tile.tif", 64, 64, seed=1)
+    write_sample_geotiff(media / "scene.tif", 90, 110, seed=2)
+    write_sample_geotiff(media / "pixel.tif", 1, 1, seed=3)
+    write_sample_geotiff(media / "four.tif", 64, 64, bands=4, seed=4)
+    write_sample_geotiff(media / "large.tif", 301, 300, seed=5)
+    write_sample_geotiff(private / "secret.tif", 64, 64, seed=6)
+    os.symlink(private / "secret.tif", media / "link.tif")
+    (media / "folder").mkdir()
+    data = write_sample_geotiff(root / "float.tif", 64, 64, seed=7)
+    with rasterio.open(data) as source:
+        profile, pixels = source.profile, source.read().astype(np.float32)
+    profile.update(dtype="float32", nodata=None)
+    for name, value in (("nan.tif", np.nan), ("inf.tif", np.inf)):
+        bad = pixels.copy()
+        bad[:, 10:20, 10:20] = value
+        with rasterio.open(media / name, "w", **profile) as target:
+            target.write(bad)
+    profile.update(dtype="complex64")
+    with rasterio.open(media / "complex.tif", "w", **profile) as target:
+        target.write(pixels.astype(np.complex64))
+    plain = {k: v for k, v in profile.items() if k not in ("crs", "transform")}
+    plain.update(dtype="float32")
+    with rasterio.open(media / "nocrs.tif", "w", **plain) as target:
+        target.write(pixels)
+    tiff = (media / "tile.tif").read_bytes()
+    (media / "truncated.tif").write_bytes(tiff[: len(tiff) // 3])
+    (media / "taken.tif").write_bytes(b"")
+    (outputs / "taken.tif").write_bytes(b"do not overwrite")
+    return root
+
+
+@pytest.fixture(scope="module")
+def web(site):
+    handler = functools.partial(Media, directory=str(site / "media"))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    silent = socket.socket()  # accepts connections, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    yield {"base": f"http://127.0.0.1:{httpd.server_address[1]}", "port": httpd.server_address[1], "silent": silent.getsockname()[1]}
+    httpd.shutdown()
+    silent.close()
+
+
+@pytest.fixture(scope="module")
+def server(site):
+    settings = {"output_path": str(site / "outputs"), "max_pixels": MAX_PIXELS, "max_bytes": MAX_BYTES, "url_timeout_s": 2}
+    args = [*DOCUMENTED, "--allowed-local-media-path", str(site / "media"), "--allowed-media-domains", "127.0.0.1"]
+    server = Server(site / "model", args, site / "server.log", {"VLLM_TERRATORCH_IO_CONFIG": json.dumps(settings)})
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.close()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def request(data, fmt="path", out="b64_json", **extra):
+    return {"data": data, "data_format": fmt, "out_data_format": out, **extra}
+
+
+# (case id, request data (callable of (site, web) or a dict), expected words in the message)
+CASES = [
+    ("data-not-object", lambda s, w: "tile.tif", "must be an object"),
+    ("data-missing", lambda s, w: {"data_format": "path", "out_data_format": "path"}, "data.data"),
+    ("data-empty", lambda s, w: request(""), "data.data"),
+    ("data-number", lambda s, w: request(12), "data.data"),
+    ("format-missing", lambda s, w: {"data": "tile.tif", "out_data_format": "path"}, "data.data_format"),
+    ("format-unknown", lambda s, w: request("tile.tif", fmt="s3"), "data.data_format"),
+    ("out-format-unknown", lambda s, w: request("tile.tif", out="png"), "data.out_data_format"),
+    ("image-format-unknown", lambda s, w: request("tile.tif", image_format="jpeg"), "data.image_format"),
+    ("extra-field", lambda s, w: request("tile.tif", colour="red"), "data.colour"),
+    ("indices-negative", lambda s, w: request("tile.tif", indices=[-1, 0, 1, 2, 3, 4]), "indices"),
+    ("indices-empty", lambda s, w: request("tile.tif", indices=[]), "indices"),
+    ("indices-out-of-range", lambda s, w: request("tile.tif", indices=[0, 1, 2, 3, 4, 9]), "has 6 bands"),
+    ("indices-too-few", lambda s, w: request("tile.tif", indices=[0, 1, 2]), "bands"),
+    ("b64-invalid", lambda s, w: request("%%% not base64 %%%", fmt="b64_json"), "not valid base64"),
+    ("b64-not-tiff", lambda s, w: request(b64(b"hello, world"), fmt="b64_json"), "not a readable GeoTIFF"),
+    ("b64-truncated", lambda s, w: request(b64((s / "media" / "truncated.tif").read_bytes()), fmt="b64_json"), "not a readable GeoTIFF"),
+    ("b64-too-large", lambda s, w: request("A" * (MAX_BYTES * 2), fmt="b64_json"), "limit"),
+    ("empty-file", lambda s, w: request("taken.tif"), "empty"),
+    ("wrong-band-count", lambda s, w: request("four.tif"), "4 bands"),
+    ("complex-pixels", lambda s, w: request("complex.tif"), "complex"),
+    ("too-many-pixels", lambda s, w: request("large.tif"), f"limit is {MAX_PIXELS} pixels"),
+    ("infinite-pixels", lambda s, w: request("inf.tif"), "NaN or infinite"),
+    ("no-crs-for-coords", lambda s, w: request("nocrs.tif"), "no usable CRS"),
+    ("path-dotdot", lambda s, w: request("../private/secret.tif"), "outside the allowed media folder"),
+    ("path-symlink-out", lambda s, w: request("link.tif"), "outside the allowed media folder"),
+    ("path-absolute-elsewhere", lambda s, w: request(str(s / "private" / "secret.tif")), "outside the allowed media folder"),
+    ("path-etc-passwd", lambda s, w: request("/etc/passwd"), "outside the allowed media folder"),
+    ("path-dev-zero", lambda s, w: request("/dev/zero"), "outside the allowed media folder"),
+    ("path-directory", lambda s, w: request("folder"), "not a regular file"),
+    ("path-missing", lambda s, w: request("nothing-here.tif"), "does not exist"),
+    ("url-file", lambda s, w: request("file:///etc/passwd", fmt="url"), "scheme 'file'"),
+    ("url-ftp", lambda s, w: request("ftp://127.0.0.1/tile.tif", fmt="url"), "scheme 'ftp'"),
+    ("url-not-a-url", lambda s, w: request("tile.tif", fmt="url"), "scheme"),
+    ("url-host-not-allowed", lambda s, w: request(f"http://localhost:{w['port']}/tile.tif", fmt="url"), "allowed-media-domains"),
+    ("url-redirect-not-allowed", lambda s, w: request(f"{w['base']}/redirect/x", fmt="url"), "allowed-media-domains"),
+    ("url-never-answers", lambda s, w: request(f"http://127.0.0.1:{w['silent']}/tile.tif", fmt="url"), "timed out"),
+    ("url-too-large", lambda s, w: request(f"{w['base']}/huge", fmt="url"), "limit"),
+    ("url-404", lambda s, w: request(f"{w['base']}/missing.tif", fmt="url"), "HTTP 404"),
+    ("url-refused", lambda s, w: request("http://127.0.0.1:1/tile.tif", fmt="url"), "cannot download"),
+    ("out-path-absolute", lambda s, w: request("tile.tif", out="path", out_path="/tmp/evil.tif"), "relative file name"),
+    ("out-path-dotdot", lambda s, w: request("tile.tif", out="path", out_path="../evil.tif"), "relative file name"),
+    ("out-path-existing", lambda s, w: request("tile.tif", out="path", out_path="taken.tif"), "already exists"),
+    ("out-path-with-b64", lambda s, w: request("tile.tif", out="b64_json", out_path="x.tif"), "only used with"),
+]
+
+
+def good(server):
+    response = server.pooling(request("tile.tif"))
+    assert response.status_code == 200, response.text
+    return response
+
+
+def mask_of(response) -> np.ndarray:
+    with rasterio.open(io.BytesIO(base64.b64decode(response.json()["data"]["data"]))) as source:
+        return source.read()
+
+
+@pytest.mark.parametrize(("case", "build", "words"), CASES, ids=[case[0] for case in CASES])
+def test_bad_request_is_rejected_clearly(server, site, web, case, build, words):
+    response = server.pooling(build(site, web))
+    assert 400 <= response.status_code < 500, (response.status_code, response.text)
+    assert words in response.json()["error"]["message"], response.text
+    good(server)
+
+
+def test_malformed_json_and_unknown_model(server):
+    broken = requests.post(f"{server.url}/pooling", data=b'{"data": {', headers={"Content-Type": "application/json"}, timeout=30)
+    assert 400 <= broken.status_code < 500
+    unknown = requests.post(f"{server.url}/pooling", json={"data": request("tile.tif"), "model": "other-model"}, timeout=30)
+    assert 400 <= unknown.status_code < 500 and "other-model" in unknown.text
+    good(server)
+
+
+@pytest.mark.parametrize("name", ["pixel.tif", "nan.tif"])
+def test_edge_images_work(server, name):
+    # A 1x1 image is padded to one tile; NaN pixels become the datamodule's no_data_replace.
+    response = server.pooling(request(name))
+    assert response.status_code == 200, response.text
+    with rasterio.open(server_media(server) / name) as source:
+        assert mask_of(response).shape == (1, source.height, source.width)
+
+
+def server_media(server):
+    return server.log_path.parent / "media"
+
+
+def test_concurrent_mixed_requests_each_get_their_own_result(server, site, web):
+    tiff = (site / "media" / "scene.tif").read_bytes()
+    variants = [
+        request("tile.tif"),
+        request("scene.tif"),
+        request(b64(tiff), fmt="b64_json"),
+        request(f"{web['base']}/pixel.tif", fmt="url"),
+        request("tile.tif", indices=[0, 1, 2, 3, 4, 5]),
+        request("scene.tif", indices=[5, 4, 3, 2, 1, 0]),
+    ]
+    singles = [mask_of(server.pooling(v)) for v in variants]
+    order = [i % len(variants) for i in range(64)]
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda i: server.pooling(variants[i], timeout=300), order))
+    for index, response in zip(order, responses):
+        assert response.status_code == 200, response.text
+        assert np.array_equal(mask_of(response), singles[index])
+    assert not np.array_equal(singles[4], singles[5][:, :64, :64])  # band order matters
+
+
+def test_outputs_only_where_asked_and_nothing_overwritten(server, site):
+    before = {p.name for p in (site / "outputs").iterdir()}
+    response = server.pooling(request("tile.tif", out="path", out_path="mine/result.tif"))
+    assert response.status_code == 200, response.text
+    assert response.json()["data"]["data"] == str(site / "outputs" / "mine" / "result.tif")
+    again = server.pooling(request("tile.tif", out="path", out_path="mine/result.tif"))
+    assert again.status_code == 400 and "already exists" in again.text
+    assert (site / "outputs" / "taken.tif").read_bytes() == b"do not overwrite"
+    after = {p.name for p in (site / "outputs").iterdir()}
+    assert after - before == {"mine"}
+    assert not list((site / "outputs").rglob(".partial-*"))
+    assert sorted(p.name for p in (site / "private").iterdir()) == ["secret.tif"]
+
+
+def _process_stats(pid: int) -> tuple[int, int]:
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    rss_kb = next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS"))
+    return fds, rss_kb
+
+
+def test_resources_stay_flat_over_many_requests(server, site):
+    pid = server.process.pid  # the API server process (IO processors run here)
+    for _ in range(20):
+        good(server)
+    fds_before, rss_before = _process_stats(pid)
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda i: server.pooling(request("tile.tif" if i % 2 else "scene.tif")).status_code, range(300)))
+    assert statuses.count(200) == 300
+    fds_after, rss_after = _process_stats(pid)
+    assert fds_after <= fds_before + 5, (fds_before, fds_after)
+    assert rss_after <= rss_before + 150_000, (rss_before, rss_after)  # kB
+    assert not [p for p in (site / "outputs").rglob("*") if p.name.startswith(".partial-")]
+    assert requests.get(f"{server.url}/health", timeout=5).status_code == 200
