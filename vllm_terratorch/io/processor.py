@@ -65,7 +65,7 @@ def _image_input(pretrained_cfg: PretrainedCfg) -> str:
 
 
 class GeoTiffProcessor(IOProcessor):
-    """Shared pipeline; subclasses implement `finish`."""
+    """Shared pipeline; subclasses implement `render`."""
 
     task: ClassVar[str] = "segmentation"
 
@@ -117,28 +117,48 @@ class GeoTiffProcessor(IOProcessor):
     def pre_process(self, prompt: Any, request_id: str | None = None, **kwargs: Any) -> list[dict[str, Any]]:
         request = parse_request(prompt)
         self._check_output_target(request)
-        raster = read_geotiff(self.policy.read(request.data, request.data_format), self.settings.max_pixels)
+        return self.prepare(self.policy.read(request.data, request.data_format), request, request_id or OFFLINE_KEY)
+
+    def post_process(self, model_output: Sequence[Any], request_id: str | None = None, **kwargs: Any) -> PredictionOutput:
+        key = request_id or OFFLINE_KEY
+        with self._lock:
+            pending = self._pending.get(key)
+        result = self.complete([output.outputs.data for output in model_output], key)
+        if isinstance(result, dict):
+            return PredictionOutput(data_format="json", data=result, request_id=request_id)
+        assert pending is not None  # complete() raised otherwise
+        request = pending.request
+        if request.out_data_format == "b64_json":
+            return PredictionOutput(data_format="b64_json", data=base64.b64encode(result).decode("ascii"), request_id=request_id)
+        target = output_file(self.settings.output_path, request.out_path, request_id)
+        write_new_file(target, result)
+        return PredictionOutput(data_format="path", data=str(target), request_id=request_id)
+
+    # Reusable halves (also used by `vllm-terratorch predict`, which reads files itself) -----
+
+    def prepare(self, data: bytes, request: GeoTiffRequest, key: str) -> list[dict[str, Any]]:
+        """GeoTIFF bytes -> one engine prompt per tile; remembers what `complete(key)` needs."""
+        raster = read_geotiff(data, self.settings.max_pixels)
         image, nodata_mask = self._prepare(raster, request)
         plan = plan_tiles(raster.height, raster.width, self.tiling)
         tiles = torch.from_numpy(extract_tiles(image, plan)).to(self.dtype)
         extras = self._extra_inputs(raster, request)
         georef = Raster(array=nodata_mask, crs=raster.crs, transform=raster.transform, nodata=raster.nodata, tags=raster.tags)
-        self._remember(request_id or OFFLINE_KEY, Pending(request, plan, georef, time.monotonic()))
+        self._remember(key, Pending(request, plan, georef, time.monotonic()))
         return [
             {"prompt_token_ids": [1], "multi_modal_data": {"image": {self.image_name: tile, **extras}}}
             for tile in tiles
         ]
 
-    def post_process(self, model_output: Sequence[Any], request_id: str | None = None, **kwargs: Any) -> PredictionOutput:
-        key = request_id or OFFLINE_KEY
+    def complete(self, outputs: list[torch.Tensor], key: str) -> bytes | dict[str, Any]:
+        """The tile outputs of request `key` -> its result (GeoTIFF bytes, or a JSON-able dict)."""
         with self._lock:
             pending = self._pending.pop(key, None)
         if pending is None:
             raise RequestError(f"no pre-processed request {key!r} (it expired or was already answered)")
-        outputs = [output.outputs.data for output in model_output]
         if len(outputs) != len(pending.plan):
             raise RequestError(f"expected {len(pending.plan)} tile outputs, got {len(outputs)}")
-        return self.finish(outputs, pending, request_id)
+        return self.render(outputs, pending)
 
     # Pipeline steps -------------------------------------------------------------------------
 
@@ -208,15 +228,7 @@ class GeoTiffProcessor(IOProcessor):
             raise RequestError("out_path is only used with out_data_format 'path'")
         output_file(self.settings.output_path, request.out_path, None)
 
-    def _deliver(self, payload: bytes, pending: Pending, request_id: str | None) -> PredictionOutput:
-        request = pending.request
-        if request.out_data_format == "b64_json":
-            return PredictionOutput(data_format="b64_json", data=base64.b64encode(payload).decode("ascii"), request_id=request_id)
-        target = output_file(self.settings.output_path, request.out_path, request_id)
-        write_new_file(target, payload)
-        return PredictionOutput(data_format="path", data=str(target), request_id=request_id)
-
-    def finish(self, outputs: list[torch.Tensor], pending: Pending, request_id: str | None) -> PredictionOutput:
+    def render(self, outputs: list[torch.Tensor], pending: Pending) -> bytes | dict[str, Any]:
         raise NotImplementedError
 
 
@@ -226,13 +238,13 @@ class SegmentationProcessor(GeoTiffProcessor):
     task = "segmentation"
     NODATA = 255
 
-    def finish(self, outputs: list[torch.Tensor], pending: Pending, request_id: str | None) -> PredictionOutput:
+    def render(self, outputs: list[torch.Tensor], pending: Pending) -> bytes | dict[str, Any]:
         logits = stitch(outputs, pending.plan)
         if logits.shape[0] >= self.NODATA:
             raise RequestError(f"the model predicts {logits.shape[0]} classes; a uint8 mask holds at most 254")
         mask = logits.argmax(axis=0).astype(np.uint8)[None]
         mask[pending.georef.array] = self.NODATA
-        return self._deliver(encode_geotiff(mask, pending.georef, nodata=self.NODATA), pending, request_id)
+        return encode_geotiff(mask, pending.georef, nodata=self.NODATA)
 
 
 class RegressionProcessor(GeoTiffProcessor):
@@ -240,10 +252,10 @@ class RegressionProcessor(GeoTiffProcessor):
 
     task = "regression"
 
-    def finish(self, outputs: list[torch.Tensor], pending: Pending, request_id: str | None) -> PredictionOutput:
+    def render(self, outputs: list[torch.Tensor], pending: Pending) -> bytes | dict[str, Any]:
         values = stitch(outputs, pending.plan).astype(np.float32)
         values[np.broadcast_to(pending.georef.array, values.shape)] = np.nan
-        return self._deliver(encode_geotiff(values, pending.georef, nodata=float("nan")), pending, request_id)
+        return encode_geotiff(values, pending.georef, nodata=float("nan"))
 
 
 class ClassificationProcessor(GeoTiffProcessor):
@@ -251,7 +263,7 @@ class ClassificationProcessor(GeoTiffProcessor):
 
     task = "classification"
 
-    def finish(self, outputs: list[torch.Tensor], pending: Pending, request_id: str | None) -> PredictionOutput:
+    def render(self, outputs: list[torch.Tensor], pending: Pending) -> bytes | dict[str, Any]:
         logits = torch.stack([out.float().reshape(-1) for out in outputs]).mean(dim=0)
         probabilities = torch.softmax(logits, dim=0).tolist()
         names = (self.pretrained_cfg.data or {}).get("init_args", {}).get("class_names")
@@ -262,4 +274,4 @@ class ClassificationProcessor(GeoTiffProcessor):
         }
         if isinstance(names, list) and len(names) == len(probabilities):
             result["class_names"] = names
-        return PredictionOutput(data_format="json", data=result, request_id=request_id)
+        return result
