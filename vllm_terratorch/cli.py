@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,12 +62,17 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the examples' line breaks."""
 
 
+def _wrap(text: str) -> str:
+    """Descriptions are raw (for the examples' sake), so wrap them ourselves."""
+    return textwrap.fill(text, width=88)
+
+
 def _add_config_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "config",
         help="write a servable config.json from a TerraTorch YAML",
-        description="Write config.json (architectures Terratorch, num_classes 0, pretrained_cfg with the input "
-        "spec and the YAML's seed_everything, model and data sections), validated as the server validates it.",
+        description=_wrap("Write config.json (architectures Terratorch, num_classes 0, pretrained_cfg with the input "
+        "spec and the YAML's seed_everything, model and data sections), validated as the server validates it."),
         epilog=CONFIG_EXAMPLES,
         formatter_class=_Formatter,
     )
@@ -81,9 +87,9 @@ def _add_export_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "export",
         help="write a servable folder (config.json + model.safetensors) from a YAML and a checkpoint",
-        description="Read the checkpoint without executing anything in it, keep the network's weights only "
+        description=_wrap("Read the checkpoint without executing anything in it, keep the network's weights only "
         "(strictly matched to the network the YAML builds), run one dummy forward, and write config.json, "
-        "model.safetensors and a README.md into OUTDIR.",
+        "model.safetensors and a README.md into OUTDIR."),
         epilog=EXPORT_EXAMPLES,
         formatter_class=_Formatter,
     )
@@ -100,9 +106,9 @@ def _add_validate_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "validate",
         help="check a servable folder or Hub repo offline (config, strict weights, one forward)",
-        description="Load config.json and the weights without starting vLLM, match the keys against the built "
+        description=_wrap("Load config.json and the weights without starting vLLM, match the keys against the built "
         "network (strict unless VLLM_TERRATORCH_STRICT_WEIGHTS=0, as when serving), run one dummy forward "
-        "and print a summary.",
+        "and print a summary."),
         epilog=VALIDATE_EXAMPLES,
         formatter_class=_Formatter,
     )
