@@ -3,8 +3,8 @@
 The calling convention comes from the input spec (mission document): the `target` input is
 positional, every other input is a keyword. Without a target, inputs go as keywords when the
 network's signature accepts them; a network whose forward needs one positional argument gets the
-single input positionally, or (several inputs) the dict of inputs, as multimodal TerraTorch models
-such as TerraMind expect.
+single image-like input (rank >= 3) positionally and the others as keywords, or, when there are
+several images, the dict of inputs, as multimodal TerraTorch models such as TerraMind expect.
 
 Batching: each request carries tensors of exactly the spec's shapes; vLLM stacks them along a new
 leading dimension. A keyword input whose spec shape starts with 1 (`location_coords: [1, 2]`) is
@@ -61,9 +61,14 @@ class ForwardPlan:
         if positional is None:
             required, keywords, var_keyword = _forward_parameters(network)
             unmet = [name for name in required if name not in spec.data]
-            if unmet and len(unmet) == 1:
+            images = [name for name in names if len(spec.data[name].shape) >= 3]
+            if len(unmet) == 1:
                 if len(names) == 1:
                     positional = names[0]
+                elif len(images) == 1:
+                    # The mission's no-target example: forward(x, **kwargs) with pixel_values
+                    # and location_coords; the one image is the positional input.
+                    positional = images[0]
                 else:
                     dict_positional = True
             elif unmet:
@@ -71,10 +76,11 @@ class ForwardPlan:
                     f"pretrained_cfg.input: {type(network).__name__}.forward needs {unmet}, "
                     f"which input.data ({list(names)}) does not provide; name the inputs after them or set target"
                 )
-            elif not var_keyword and not set(names) <= keywords:
+            refused = set(names) - {positional} - keywords
+            if not dict_positional and not var_keyword and refused:
                 raise ConfigError(
                     f"pretrained_cfg.input: {type(network).__name__}.forward accepts no keyword(s) "
-                    f"{sorted(set(names) - keywords)}; set target or rename the inputs"
+                    f"{sorted(refused)}; set target or rename the inputs"
                 )
         merged = frozenset(
             name for name in names if name != positional and not dict_positional and spec.data[name].shape[0] == 1

@@ -212,9 +212,8 @@ def build_config(ttconfig: Mapping[str, Any], input_spec: Mapping[str, Any], sou
     notes = []
     if parsed.pretrained_cfg.input.target is None:
         notes.append(
-            "input.target is not set, so no input is passed positionally; TerraTorch's pixel-wise and "
-            'classification networks take their image positionally (add "target": "pixel_values"); '
-            "--check runs the network to verify"
+            "input.target is not set: inputs go by keyword where the network's forward accepts them, "
+            "else its single image input goes positionally (see README); --check runs the network to verify"
         )
     left_out = [str(key) for key in ttconfig if key not in KEPT_SECTIONS]
     if left_out:

@@ -114,3 +114,27 @@ def test_unknown_task_and_bad_init_args():
         build_network(TaskSpec(class_path="NoSuchTask"))
     with pytest.raises(ModelBuildError, match="could not build"):
         build_network(TaskSpec(class_path="terratorch.tasks.SemanticSegmentationTask", init_args={"model_args": {"backbone": "no_such_backbone"}, "model_factory": "EncoderDecoderFactory"}))
+
+
+class PixelWiseLike(nn.Module):
+    """The signature of TerraTorch's PixelWiseModel.forward."""
+
+    def forward(self, x, **kwargs):
+        return x.mean(dim=(1, 2, 3)) + kwargs["location_coords"][:, 0]
+
+
+def test_no_target_one_image_goes_positionally_like_the_missions_example():
+    # The mission's config generator example has no target: pixel_values + location_coords.
+    plan = ForwardPlan.for_network(spec({"pixel_values": [6, 4, 4], "location_coords": [1, 2]}), PixelWiseLike())
+    assert plan.describe() == "forward(pixel_values, location_coords=location_coords)"
+    args, kwargs = plan.batch({"pixel_values": torch.ones(2, 6, 4, 4), "location_coords": torch.ones(2, 1, 2)}, torch.float32, "cpu")
+    assert PixelWiseLike()(*args, **kwargs).shape == (2,)
+
+
+def test_no_target_keywords_the_network_refuses():
+    class Strict(nn.Module):
+        def forward(self, x, location_coords=None):
+            return x
+
+    with pytest.raises(ConfigError, match=r"accepts no keyword\(s\) \['dem'\]"):
+        ForwardPlan.for_network(spec({"pixel_values": [6, 4, 4], "dem": [1, 2]}), Strict())

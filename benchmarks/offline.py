@@ -1,0 +1,182 @@
+"""Offline throughput: our backend vs a plain batched PyTorch forward vs the in-tree vLLM model.
+
+One process, the same inputs and weights for every path, warm-up excluded, several repetitions
+(median and spread). Writes `<output>/offline-<model>-<dtype>.json` and `.png`.
+
+    python benchmarks/offline.py --model tiny                       # CPU smoke (seconds)
+    python benchmarks/offline.py --model prithvi300 --image-size 512 --dtype bfloat16 --batch-size 8
+
+The in-tree path uses the same folder with vLLM's own `Terratorch` class (our plugin disabled in
+the engine processes). All images share one `location_coords`, so the in-tree model's batching bug
+(request 0's coordinates for the whole batch) does not change its outputs here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, summary, write_results  # noqa: E402
+
+MODELS: dict[str, dict[str, Any]] = {
+    "tiny": {"backbone": "prithvi_eo_v2_tiny_tl", "indices": [1, 3, 5, 11], "decoder_channels": 16, "image_size": 64},
+    "prithvi300": {"backbone": "prithvi_eo_v2_300_tl", "indices": [5, 11, 17, 23], "decoder_channels": 256, "image_size": 512},
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_folder(model: str, image_size: int, folder: Path) -> dict[str, Any]:
+    from vllm_terratorch.samples import sample_pretrained_cfg, write_model_folder
+
+    spec = MODELS[model]
+    cfg = sample_pretrained_cfg(
+        "segmentation", image_size=image_size, backbone=spec["backbone"], indices=spec["indices"], decoder_channels=spec["decoder_channels"]
+    )
+    # The in-tree model would download backbone weights for `true`; ours ignores the switch.
+    cfg["model"]["init_args"]["model_args"]["backbone_pretrained"] = False
+    if not (folder / "config.json").is_file():
+        write_model_folder(folder, cfg, weight_format="pt")  # {"state_dict": ...}: readable by both
+    return cfg
+
+
+def make_inputs(cfg: dict[str, Any], count: int) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    shape = cfg["input"]["data"]["pixel_values"]["shape"]
+    coords = torch.tensor([[-0.38, 39.47]])
+    return [{"pixel_values": torch.randn(shape, generator=generator), "location_coords": coords} for _ in range(count)]
+
+
+def time_raw(cfg: dict[str, Any], inputs: list[dict[str, torch.Tensor]], batch: int, dtype: torch.dtype, device: str, repeats: int) -> tuple[list[float], list[torch.Tensor]]:
+    from vllm_terratorch.samples import build_sample_task
+
+    network = build_sample_task(cfg).model.to(device=device, dtype=dtype).eval()
+    pixels = torch.stack([i["pixel_values"] for i in inputs]).to(device=device, dtype=dtype)
+    coords = torch.cat([i["location_coords"] for i in inputs]).to(device=device, dtype=dtype)
+
+    def run() -> list[torch.Tensor]:
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, len(inputs), batch):
+                out = network(pixels[start : start + batch], location_coords=coords[start : start + batch]).output
+                outputs.extend(out.to("cpu", non_blocking=True))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return outputs
+
+    outputs = run()  # warm-up
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - started)
+    del network
+    return seconds, outputs
+
+
+def time_engine(folder: Path, inputs: list[dict[str, torch.Tensor]], batch: int, dtype: str, repeats: int, in_tree: bool) -> tuple[list[float], list[torch.Tensor]]:
+    from vllm import LLM
+    from vllm.model_executor.models.registry import ModelRegistry, _LazyRegisteredModel
+
+    saved_entry = ModelRegistry.models["Terratorch"]
+    saved_plugins = os.environ.get("VLLM_PLUGINS")
+    if in_tree:
+        ModelRegistry.models["Terratorch"] = _LazyRegisteredModel("vllm.model_executor.models.terratorch", "Terratorch")
+        os.environ["VLLM_PLUGINS"] = "none"  # engine processes load neither our plugin nor terratorch_fix
+    try:
+        llm = LLM(
+            model=str(folder), model_impl="terratorch", skip_tokenizer_init=True, enforce_eager=True,
+            enable_mm_embeds=True, dtype=dtype, max_num_seqs=batch, gpu_memory_utilization=0.2 if not torch.cuda.is_available() else 0.8,
+        )
+    finally:
+        ModelRegistry.models["Terratorch"] = saved_entry
+        if saved_plugins is None:
+            os.environ.pop("VLLM_PLUGINS", None)
+        else:
+            os.environ["VLLM_PLUGINS"] = saved_plugins
+    prompts = [{"prompt_token_ids": [1], "multi_modal_data": {"image": dict(i)}} for i in inputs]
+    try:
+        outputs = [o.outputs.data for o in llm.encode(prompts, pooling_task="plugin", use_tqdm=False)]  # warm-up
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            llm.encode(prompts, pooling_task="plugin", use_tqdm=False)
+            seconds.append(time.perf_counter() - started)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    return seconds, outputs
+
+
+def max_diff(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    return max(float((a.float().cpu() - b.float().cpu()).abs().max()) for a, b in zip(outputs, reference, strict=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    parser.add_argument("--image-size", type=int, help="input size (default: the model's)")
+    parser.add_argument("--num-images", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8, help="raw batch size = engine max_num_seqs")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--paths", default="raw,ours,intree", help="comma-separated subset of raw,ours,intree")
+    parser.add_argument("--work-dir", type=Path, default=Path("benchmarks/.models"))
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from tqdm import tqdm
+
+    image_size = args.image_size or MODELS[args.model]["image_size"]
+    folder = args.work_dir / f"{args.model}-{image_size}"
+    cfg = build_folder(args.model, image_size, folder)
+    inputs = make_inputs(cfg, args.num_images)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    paths = [p for p in args.paths.split(",") if p]
+    results: dict[str, Any] = {
+        "title": f"{args.model} {image_size}px {args.dtype}, batch {args.batch_size}, {args.num_images} images",
+        "model": args.model, "image_size": image_size, "dtype": args.dtype, "batch_size": args.batch_size,
+        "num_images": args.num_images, "repeats": args.repeats, "device": device, "machine": machine(),
+        "plot_metric": "images_per_s", "paths": {},
+    }
+    outputs: dict[str, list[torch.Tensor]] = {}
+    for path in tqdm(paths, desc="paths", unit="path"):
+        try:
+            if path == "raw":
+                seconds, outputs[path] = time_raw(cfg, inputs, args.batch_size, DTYPES[args.dtype], device, args.repeats)
+            else:
+                seconds, outputs[path] = time_engine(folder, inputs, args.batch_size, args.dtype, args.repeats, in_tree=path == "intree")
+        except Exception as error:  # noqa: BLE001 - a path that cannot run is reported, not fatal
+            results["paths"][path] = {"error": f"{type(error).__name__}: {error}"[:2000]}
+            continue
+        results["paths"][path] = {
+            "seconds": summary(seconds),
+            "images_per_s": summary([args.num_images / s for s in seconds]),
+        }
+    if "raw" in outputs:
+        for path in outputs:
+            if path != "raw":
+                results["paths"][path]["max_abs_diff_vs_raw"] = max_diff(outputs[path], outputs["raw"])
+        raw_rate = results["paths"]["raw"]["images_per_s"]["median"]
+        results["ratios_vs_raw"] = {
+            path: results["paths"][path]["images_per_s"]["median"] / raw_rate for path in outputs if path != "raw"
+        }
+    stem = f"offline-{args.model}-{image_size}-{args.dtype}-b{args.batch_size}"
+    json_path, png_path = write_results(results, args.output, stem)
+    for path, entry in results["paths"].items():
+        rate = entry.get("images_per_s", {}).get("median")
+        print(f"{path:>7}: " + (f"{rate:8.1f} images/s" if rate else entry.get("error", "")[:200]))
+    print(f"ratios vs raw: {results.get('ratios_vs_raw')}\nwrote {json_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
