@@ -229,11 +229,12 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         self.plan = ForwardPlan.for_network(self.pretrained_cfg.input, self.network)
         self.pooler = CroppingPooler()
         logger.info(
-            "vllm-terratorch: serving %s (%s) in %s as %s",
+            "vllm-terratorch: serving %s (%s) in %s as %s (%d torch threads)",
             self.pretrained_cfg.model.class_path,
             type(self.network).__name__,
             self.dtype,
             self.plan.describe(),
+            torch.get_num_threads(),
         )
 
     def get_language_model(self) -> nn.Module:
