@@ -49,7 +49,8 @@ class Pending:
     request: GeoTiffRequest
     plan: TilePlan
     georef: Raster  # array holds only the nodata mask (1, H, W), not the pixels
-    created: float
+    created: float  # time.monotonic() when pre-processing finished
+    decode_s: float = 0.0
 
 
 def _image_input(pretrained_cfg: PretrainedCfg) -> str:
@@ -115,36 +116,47 @@ class GeoTiffProcessor(IOProcessor):
         return params
 
     def pre_process(self, prompt: Any, request_id: str | None = None, **kwargs: Any) -> list[dict[str, Any]]:
+        started = time.monotonic()
         request = parse_request(prompt)
         self._check_output_target(request)
-        return self.prepare(self.policy.read(request.data, request.data_format), request, request_id or OFFLINE_KEY)
+        return self.prepare(self.policy.read(request.data, request.data_format), request, request_id or OFFLINE_KEY, started)
 
     def post_process(self, model_output: Sequence[Any], request_id: str | None = None, **kwargs: Any) -> PredictionOutput:
+        started = time.monotonic()
         key = request_id or OFFLINE_KEY
         with self._lock:
             pending = self._pending.get(key)
         result = self.complete([output.outputs.data for output in model_output], key)
-        if isinstance(result, dict):
-            return PredictionOutput(data_format="json", data=result, request_id=request_id)
         assert pending is not None  # complete() raised otherwise
         request = pending.request
-        if request.out_data_format == "b64_json":
-            return PredictionOutput(data_format="b64_json", data=base64.b64encode(result).decode("ascii"), request_id=request_id)
-        target = output_file(self.settings.output_path, request.out_path, request_id)
-        write_new_file(target, result)
-        return PredictionOutput(data_format="path", data=str(target), request_id=request_id)
+        if isinstance(result, dict):
+            data_format, data = "json", result
+        elif request.out_data_format == "b64_json":
+            data_format, data = "b64_json", base64.b64encode(result).decode("ascii")
+        else:
+            target = output_file(self.settings.output_path, request.out_path, request_id)
+            write_new_file(target, result)
+            data_format, data = "path", str(target)
+        timings = {
+            "decode_s": round(pending.decode_s, 6),
+            "engine_s": round(started - pending.created, 6),
+            "encode_s": round(time.monotonic() - started, 6),
+        }
+        return PredictionOutput(data_format=data_format, data=data, request_id=request_id, timings=timings)
 
     # Reusable halves (also used by `vllm-terratorch predict`, which reads files itself) -----
 
-    def prepare(self, data: bytes, request: GeoTiffRequest, key: str) -> list[dict[str, Any]]:
+    def prepare(self, data: bytes, request: GeoTiffRequest, key: str, started: float | None = None) -> list[dict[str, Any]]:
         """GeoTIFF bytes -> one engine prompt per tile; remembers what `complete(key)` needs."""
+        started = time.monotonic() if started is None else started
         raster = read_geotiff(data, self.settings.max_pixels)
         image, nodata_mask = self._prepare(raster, request)
         plan = plan_tiles(raster.height, raster.width, self.tiling)
         tiles = torch.from_numpy(extract_tiles(image, plan)).to(self.dtype)
         extras = self._extra_inputs(raster, request)
         georef = Raster(array=nodata_mask, crs=raster.crs, transform=raster.transform, nodata=raster.nodata, tags=raster.tags)
-        self._remember(key, Pending(request, plan, georef, time.monotonic()))
+        now = time.monotonic()
+        self._remember(key, Pending(request, plan, georef, now, now - started))
         return [
             {"prompt_token_ids": [1], "multi_modal_data": {"image": {self.image_name: tile, **extras}}}
             for tile in tiles

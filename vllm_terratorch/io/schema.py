@@ -41,6 +41,8 @@ class PredictionOutput(BaseModel):
     data_format: str
     data: Any
     request_id: str | None = None
+    timings: dict[str, float] | None = None
+    """Seconds spent reading + decoding + tiling, in the engine (queue included), and stitching + encoding."""
 
 
 def _describe(error: ValidationError) -> str:

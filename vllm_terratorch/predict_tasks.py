@@ -1,0 +1,235 @@
+"""The CPU-side halves of `vllm-terratorch predict`, run in worker processes (local pool or Ray tasks).
+
+- `decode_scene`: read a GeoTIFF, and turn it into the engine's per-tile inputs with the IO
+  processor's own `prepare` (the exact code path the server runs for a `/pooling` request).
+- `write_prediction`: the engine's tile outputs -> the processor's `render` (stitch, mask or values,
+  GeoTIFF or JSON) -> an atomic write (temp file in the same folder + rename).
+
+Tensors cross process boundaries as numpy arrays ("wire" form: bfloat16 travels as its int16 bit
+pattern, so nothing is converted), which pickle without torch's shared-memory machinery.
+Everything here returns a plain dict and never raises for a bad input: the error is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+# Files created by this module get the usual permissions (mkstemp makes them 0600).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+PARTIAL_SUFFIX = ".partial"
+
+
+@dataclass(frozen=True)
+class ProcessorSpec:
+    """What a worker needs to build the same IO processor as the engine's (picklable, small)."""
+
+    model_dir: str
+    plugin: str
+    dtype: str  # torch dtype name, e.g. "float32"
+    indices: tuple[int, ...] | None = None
+
+
+_PROCESSORS: dict[ProcessorSpec, Any] = {}
+
+
+class _HFConfig:
+    """Stands in for the engine's `hf_config`: the processor only reads `to_dict()["pretrained_cfg"]`."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self._config = config
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._config
+
+
+def processor_class(plugin: str) -> type:
+    import importlib
+
+    from vllm_terratorch import IO_PROCESSORS
+
+    qualname = IO_PROCESSORS[plugin]
+    module, _, name = qualname.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def get_processor(spec: ProcessorSpec) -> Any:
+    """The IO processor of `spec`, built once per process without an engine."""
+    processor = _PROCESSORS.get(spec)
+    if processor is None:
+        import torch
+
+        config = json.loads((Path(spec.model_dir) / "config.json").read_text())
+        model_config = SimpleNamespace(
+            hf_config=_HFConfig(config),
+            model=spec.model_dir,
+            dtype=getattr(torch, spec.dtype),
+            allowed_local_media_path=None,
+            allowed_media_domains=None,
+        )
+        processor = processor_class(spec.plugin)(SimpleNamespace(model_config=model_config))
+        _PROCESSORS[spec] = processor
+    return processor
+
+
+def worker_init() -> None:
+    """Pool initializer: Ctrl-C is the parent's business (a worker always finishes its write), one
+    compute thread per worker (the engine owns the cores), and the heavy imports done up front."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    import vllm_terratorch.io.processor  # noqa: F401  (vLLM, rasterio, TerraTorch config parsing)
+
+
+def warm_up(spec: ProcessorSpec | None = None) -> int:
+    """A task that only makes a worker import (and build the processor) before real work arrives."""
+    if spec is not None:
+        get_processor(spec)
+    return os.getpid()
+
+
+# Wire form of tensors --------------------------------------------------------------------------
+
+
+def to_wire(tensor: Any) -> tuple[str, Any]:
+    import torch
+
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return "bfloat16", tensor.view(torch.int16).numpy()
+    return "", tensor.numpy()
+
+
+def from_wire(wire: tuple[str, Any]) -> Any:
+    import torch
+
+    kind, array = wire
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if kind == "bfloat16" else tensor
+
+
+def build_prompts(decoded: dict[str, Any], dtype: Any = None) -> list[dict[str, Any]]:
+    """The engine prompts of one decoded scene (one per tile), exactly as `prepare` made them.
+
+    `dtype`: cast to the engine's dtype (scenes decoded at float64 before the engine's dtype was
+    known: the one rounding then happens here, so the values equal `prepare`'s at that dtype).
+    """
+    tiles = from_wire(decoded["tiles"])
+    extras = {name: from_wire(wire) for name, wire in decoded["extras"].items()}
+    if dtype is not None:
+        tiles = tiles.to(dtype)
+        extras = {name: value.to(dtype) for name, value in extras.items()}
+    name = decoded["image_name"]
+    return [{"prompt_token_ids": [1], "multi_modal_data": {"image": {name: tile, **extras}}} for tile in tiles]
+
+
+def outputs_to_wire(outputs: list[Any]) -> tuple[str, Any]:
+    import torch
+
+    return to_wire(torch.stack([output.detach().cpu() for output in outputs]))
+
+
+# Worker tasks ----------------------------------------------------------------------------------
+
+
+def describe_error(error: BaseException) -> str:
+    from vllm_terratorch.errors import TerratorchError
+
+    if isinstance(error, TerratorchError):
+        return str(error)
+    if isinstance(error, OSError):
+        return f"cannot read the file: {error.strerror or error}" if error.filename is None else f"cannot read {error.filename}: {error.strerror or error}"
+    return f"{type(error).__name__}: {error}"
+
+
+def decode_scene(spec: ProcessorSpec, index: int, path: str) -> dict[str, Any]:
+    """Read and prepare one scene. On success: wire tiles, extras and the processor's `Pending`."""
+    started = time.time()
+    try:
+        from vllm_terratorch.io.schema import GeoTiffRequest
+
+        data = Path(path).read_bytes()
+        processor = get_processor(spec)
+        request = GeoTiffRequest(
+            data=path,  # the name carries the acquisition date for temporal_coords, as for path requests
+            data_format="path",
+            out_data_format="path",
+            indices=list(spec.indices) if spec.indices is not None else None,
+        )
+        key = f"predict-{os.getpid()}-{index}"
+        try:
+            prompts = processor.prepare(data, request, key)
+        finally:
+            with processor._lock:  # `prepare` keeps what `render` needs; it travels with the tiles
+                pending = processor._pending.pop(key, None)
+        import torch
+
+        images = [prompt["multi_modal_data"]["image"] for prompt in prompts]
+        name = processor.image_name
+        tiles = torch.stack([image[name] for image in images])
+        if tiles.dtype == torch.float64 and torch.equal(tiles.to(torch.float32).to(torch.float64), tiles):
+            tiles = tiles.to(torch.float32)  # the datamodule's float32 values: half the bytes, nothing lost
+        return {
+            "index": index,
+            "ok": True,
+            "tiles": to_wire(tiles),
+            "extras": {key: to_wire(value) for key, value in images[0].items() if key != name},
+            "image_name": name,
+            "pending": pending,
+            "started": started,
+            "decode_s": time.time() - started,
+        }
+    except Exception as error:  # noqa: BLE001 - every failure of one input is reported, the run goes on
+        return {"index": index, "ok": False, "error": describe_error(error), "started": started}
+
+
+def render_result(spec: ProcessorSpec, outputs: tuple[str, Any], pending: Any) -> bytes:
+    """Tile outputs of one scene -> the bytes of its output file (GeoTIFF, or JSON for classification)."""
+    processor = get_processor(spec)
+    tensors = list(from_wire(outputs))
+    if len(tensors) != len(pending.plan):
+        raise ValueError(f"expected {len(pending.plan)} tile outputs, got {len(tensors)}")
+    result = processor.render(tensors, pending)
+    if isinstance(result, dict):
+        return (json.dumps(result, indent=2) + "\n").encode()
+    return result
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `path` as a whole or not at all: a temp file beside it, renamed over it when complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(temp, 0o666 & ~_UMASK)
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_prediction(
+    spec: ProcessorSpec, index: int, outputs: tuple[str, Any], pending: Any, target: str, started: float
+) -> dict[str, Any]:
+    """Render and write one scene's prediction; returns its record fields."""
+    try:
+        atomic_write(Path(target), render_result(spec, outputs, pending))
+        return {"index": index, "ok": True, "started": started, "finished": time.time()}
+    except Exception as error:  # noqa: BLE001
+        return {"index": index, "ok": False, "error": describe_error(error), "started": started, "finished": time.time()}
