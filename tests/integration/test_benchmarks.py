@@ -1,0 +1,45 @@
+"""CI smoke run of both benchmark scripts on the tiny model: the JSON schema, and that ours, the
+raw PyTorch forward and the in-tree vLLM model produce the same outputs. No timing asserts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def run(script: str, *args: str) -> None:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def test_offline_smoke(tmp_path):
+    run("offline.py", "--model", "tiny", "--num-images", "12", "--batch-size", "4", "--repeats", "2",
+        "--work-dir", str(tmp_path / "models"), "--output", str(tmp_path))
+    results = json.loads((tmp_path / "offline-tiny-64-float32-b4.json").read_text())
+    assert (tmp_path / "offline-tiny-64-float32-b4.png").stat().st_size > 0
+    assert set(results["paths"]) == {"raw", "ours", "intree"}
+    for name in ("raw", "ours", "intree"):
+        entry = results["paths"][name]
+        assert "error" not in entry, entry
+        assert entry["images_per_s"]["n"] == 2 and entry["images_per_s"]["median"] > 0
+    assert results["paths"]["ours"]["max_abs_diff_vs_raw"] <= 1e-4
+    assert results["paths"]["intree"]["max_abs_diff_vs_raw"] <= 1e-4
+    assert set(results["ratios_vs_raw"]) == {"ours", "intree"}
+
+
+def test_online_smoke(tmp_path):
+    run("online.py", "--levels", "1,2", "--requests", "4", "--scene-size", "80", "--scenes", "2",
+        "--work-dir", str(tmp_path / "work"), "--output", str(tmp_path))
+    results = json.loads((tmp_path / "online-80px.json").read_text())
+    assert [level["concurrency"] for level in results["levels"]] == [1, 2]
+    for level in results["levels"]:
+        assert level["errors"] == 0 and level["requests"] == 4 and level["requests_per_s"] > 0
+        assert {"p50", "p95", "p99"} <= set(level["latency_s"])
+        assert set(level["server_split_s"]) == {"decode_s", "engine_s", "encode_s"}
