@@ -81,6 +81,56 @@ def time_raw(cfg: dict[str, Any], inputs: list[dict[str, torch.Tensor]], batch: 
     return seconds, outputs
 
 
+def time_adapter(folder: Path, inputs: list[dict[str, torch.Tensor]], batch: int, dtype: torch.dtype, device: str, repeats: int) -> tuple[list[float], list[torch.Tensor]]:
+    """Our model path without vLLM: config -> offline build -> checkpoint -> ForwardPlan batches.
+
+    Runs where vLLM is not installed (the GPU machines' image) and shows what our adapter adds
+    on top of the network itself.
+    """
+    from vllm_terratorch.config import load_config
+    from vllm_terratorch.factory import build_network
+    from vllm_terratorch.forward import ForwardPlan, task_output
+    from vllm_terratorch.weights import load_checkpoint, match_state_dict
+
+    config = load_config(folder).pretrained_cfg
+    network = build_network(config.model)
+    network.load_state_dict(match_state_dict(load_checkpoint(folder), network.state_dict()), strict=False)
+    network = network.to(device=device, dtype=dtype)
+    plan = ForwardPlan.for_network(config.input, network)
+    stacked = {name: torch.stack([i[name] for i in inputs]) for name in plan.names}
+
+    def run() -> list[torch.Tensor]:
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, len(inputs), batch):
+                args, kwargs = plan.batch({k: v[start : start + batch] for k, v in stacked.items()}, dtype, device)
+                outputs.extend(task_output(network(*args, **kwargs)).to("cpu", non_blocking=True))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return outputs
+
+    outputs = run()
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - started)
+    return seconds, outputs
+
+
+def flops_per_image(cfg: dict[str, Any], inputs: list[dict[str, torch.Tensor]], device: str) -> float:
+    """Measured forward FLOPs of one image (torch's FLOP counter: matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vllm_terratorch.samples import build_sample_task
+
+    network = build_sample_task(cfg).model.to(device).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        network(inputs[0]["pixel_values"][None].to(device), location_coords=inputs[0]["location_coords"].to(device))
+    return float(counter.get_total_flops())
+
+
 def time_engine(folder: Path, inputs: list[dict[str, torch.Tensor]], batch: int, dtype: str, repeats: int, in_tree: bool) -> tuple[list[float], list[torch.Tensor]]:
     from vllm import LLM
     from vllm.model_executor.models.registry import ModelRegistry, _LazyRegisteredModel
@@ -128,7 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="raw batch size = engine max_num_seqs")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--paths", default="raw,ours,intree", help="comma-separated subset of raw,ours,intree")
+    parser.add_argument("--paths", default="raw,ours,intree", help="comma-separated subset of raw,adapter,ours,intree")
+    parser.add_argument("--flops", action="store_true", help="measure FLOPs per image and report achieved TFLOP/s")
+    parser.add_argument(
+        "--raw-threads", type=int, default=None,
+        help="torch threads of the raw path (default on CPU: what vLLM's CPU worker gets, all cores but one, "
+        "which vLLM reserves for its scheduler; equal compute for both)",
+    )
     parser.add_argument("--work-dir", type=Path, default=Path("benchmarks/.models"))
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
@@ -140,18 +196,27 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build_folder(args.model, image_size, folder)
     inputs = make_inputs(cfg, args.num_images)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    raw_threads = args.raw_threads or (max(1, (os.cpu_count() or 2) - 1) if device == "cpu" else torch.get_num_threads())
     paths = [p for p in args.paths.split(",") if p]
     results: dict[str, Any] = {
         "title": f"{args.model} {image_size}px {args.dtype}, batch {args.batch_size}, {args.num_images} images",
         "model": args.model, "image_size": image_size, "dtype": args.dtype, "batch_size": args.batch_size,
         "num_images": args.num_images, "repeats": args.repeats, "device": device, "machine": machine(),
+        "raw_threads": raw_threads,
         "plot_metric": "images_per_s", "paths": {},
     }
     outputs: dict[str, list[torch.Tensor]] = {}
     for path in tqdm(paths, desc="paths", unit="path"):
         try:
-            if path == "raw":
-                seconds, outputs[path] = time_raw(cfg, inputs, args.batch_size, DTYPES[args.dtype], device, args.repeats)
+            if path in ("raw", "adapter"):
+                default_threads = torch.get_num_threads()
+                torch.set_num_threads(raw_threads)
+                try:
+                    timer = time_raw if path == "raw" else time_adapter
+                    source = cfg if path == "raw" else folder
+                    seconds, outputs[path] = timer(source, inputs, args.batch_size, DTYPES[args.dtype], device, args.repeats)  # type: ignore[operator]
+                finally:
+                    torch.set_num_threads(default_threads)
             else:
                 seconds, outputs[path] = time_engine(folder, inputs, args.batch_size, args.dtype, args.repeats, in_tree=path == "intree")
         except Exception as error:  # noqa: BLE001 - a path that cannot run is reported, not fatal
@@ -161,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": summary(seconds),
             "images_per_s": summary([args.num_images / s for s in seconds]),
         }
+    if args.flops:
+        flops = flops_per_image(cfg, inputs, device)
+        results["flops_per_image"] = flops
+        for entry in results["paths"].values():
+            if "images_per_s" in entry:
+                entry["achieved_tflops"] = flops * entry["images_per_s"]["median"] / 1e12
     if "raw" in outputs:
         for path in outputs:
             if path != "raw":
