@@ -250,10 +250,24 @@ def test_resources_stay_flat_over_many_requests(server, site):
         good(server)
     fds_before, rss_before = _process_stats(pid)
     with ThreadPoolExecutor(8) as pool:
-        statuses = list(pool.map(lambda i: server.pooling(request("tile.tif" if i % 2 else "scene.tif")).status_code, range(300)))
-    assert statuses.count(200) == 300
+        statuses = list(pool.map(lambda i: server.pooling(request("tile.tif" if i % 2 else "scene.tif")).status_code, range(480)))
+    assert statuses.count(200) == 480  # 500 requests with the warm-up
     fds_after, rss_after = _process_stats(pid)
     assert fds_after <= fds_before + 5, (fds_before, fds_after)
     assert rss_after <= rss_before + 150_000, (rss_before, rss_after)  # kB
     assert not [p for p in (site / "outputs").rglob("*") if p.name.startswith(".partial-")]
+    assert requests.get(f"{server.url}/health", timeout=5).status_code == 200
+
+
+def test_failures_under_load_fail_only_their_own_requests(server):
+    expected = mask_of(good(server))
+    kinds = ["tile.tif", "inf.tif", "tile.tif", "four.tif", "tile.tif", "truncated.tif"] * 5
+    with ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(lambda name: server.pooling(request(name)), kinds))
+    for name, response in zip(kinds, responses):
+        if name == "tile.tif":
+            assert response.status_code == 200, response.text
+            assert np.array_equal(mask_of(response), expected)
+        else:
+            assert response.status_code == 400, response.text
     assert requests.get(f"{server.url}/health", timeout=5).status_code == 200
