@@ -228,6 +228,7 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         self.network = build_network(self.pretrained_cfg.model).to(dtype=self.dtype)
         self.plan = ForwardPlan.for_network(self.pretrained_cfg.input, self.network)
         self.pooler = CroppingPooler()
+        self._output_shape: tuple[int, ...] | None = None  # of the last successful forward
         logger.info(
             "vllm-terratorch: serving %s (%s) in %s as %s (%d torch threads)",
             self.pretrained_cfg.model.class_path,
@@ -265,7 +266,7 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         with gpu_sync_allowed():
             for indices, group in groups:
                 args, kwargs = self.plan.batch(group, self.dtype, device)
-                result = task_output(self.network(*args, **kwargs))
+                result = self._run(args, kwargs, len(indices))
                 if len(groups) == 1:
                     return result
                 for row, index in enumerate(indices):
@@ -277,6 +278,31 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         # request's output back to its own shape.
         self.pooler.pending_shapes = [tuple(out.shape) for out in results]
         return _pad_and_stack(results)
+
+    def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any], count: int) -> torch.Tensor:
+        """One network call; a failure fails only these requests (NaN outputs), not the engine.
+
+        An exception here would stop vLLM's engine for every client. Inputs are validated
+        against the spec before they get here, but a network can still refuse some sizes (a 8x8
+        image is too small for a Prithvi + UperNet) or hit a runtime error.
+        """
+        try:
+            result = task_output(self.network(*args, **kwargs))
+        except Exception as error:  # noqa: BLE001 - any failure must stay with these requests
+            if self._output_shape is None:
+                raise
+            shapes = [tuple(t.shape[1:]) for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+            logger.error(
+                "vllm-terratorch: the network failed on %d request(s) with input shapes %s (%s: %s); "
+                "their outputs are NaN",
+                count, shapes, type(error).__name__, error,
+            )
+            return torch.full((count, *self._output_shape), float("nan"), dtype=self.dtype, device=self._device())
+        self._output_shape = tuple(result.shape[1:])
+        return result
+
+    def _device(self) -> torch.device:
+        return next(self.network.parameters()).device
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # vLLM's iterator reads only safetensors/.bin/.pt with weights_only and no Lightning

@@ -67,3 +67,13 @@ def test_bad_request_is_rejected_and_engine_keeps_serving(llm, inputs, message):
     assert message in str(error.value)
     good = distinct_requests(CFG["input"], 1, seed=6)
     assert max_abs_diff(encode(llm, good), reference_outputs(CFG, good)) <= 1e-4
+
+
+def test_a_request_the_network_cannot_run_fails_alone(llm):
+    # 8x8 passes the spec check (spatial dims are free) but is too small for UperNet's padding.
+    good = distinct_requests(CFG["input"], 2, seed=7)
+    tiny = distinct_requests(CFG["input"], 1, seed=8, size=8)[0]
+    outputs = encode(llm, [good[0], tiny, good[1]])
+    assert torch.isnan(outputs[1]).all()
+    assert max_abs_diff([outputs[0], outputs[2]], reference_outputs(CFG, good)) <= 1e-4
+    assert max_abs_diff(encode(llm, good), reference_outputs(CFG, good)) <= 1e-4  # engine still up

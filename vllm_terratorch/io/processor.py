@@ -170,6 +170,11 @@ class GeoTiffProcessor(IOProcessor):
             raise RequestError(f"no pre-processed request {key!r} (it expired or was already answered)")
         if len(outputs) != len(pending.plan):
             raise RequestError(f"expected {len(pending.plan)} tile outputs, got {len(outputs)}")
+        if not all(bool(torch.isfinite(output).all()) for output in outputs):
+            raise RequestError(
+                "the model produced no valid output for this image (NaN or infinite values; the "
+                "server log says why); other requests are not affected"
+            )
         return self.render(outputs, pending)
 
     # Pipeline steps -------------------------------------------------------------------------
