@@ -6,6 +6,7 @@
   generator command lines work as documented, with our command name).
 - `export` turns a YAML + training checkpoint into a servable folder.
 - `validate` checks a servable folder or Hub repo offline, without starting vLLM.
+- `predict` runs every GeoTIFF of a folder through one engine (or a Ray pool of engines).
 
 Exit codes: 0 ok, 1 invalid input (the message says what and where), 2 usage errors.
 Heavy imports (torch, TerraTorch) happen only in the subcommands that build a network.
@@ -137,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_parser(commands)
     _add_export_parser(commands)
     _add_validate_parser(commands)
+    commands.add_parser(
+        "predict",
+        help="predict every GeoTIFF of a folder, glob or list (one engine, or a Ray pool); see `predict --help`",
+        add_help=False,
+    )
     return parser
 
 
@@ -196,13 +202,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vllm_terratorch.vllm_cli import main as vllm_main
 
         return vllm_main(argv)
+    if argv and argv[0] == "predict":  # its own parser: unknown options go to the vLLM engine
+        from vllm_terratorch.predict import main as predict_main
+
+        return predict_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     handler = _HANDLERS.get(args.command)
-    if handler is None:  # `serve` is dispatched above, before argparse sees vLLM's options
+    if handler is None:  # `serve` and `predict` are dispatched above, before argparse sees engine options
         return EXIT_USAGE
     try:
         return handler(args)
