@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pickle
 import sys
@@ -39,6 +40,8 @@ from vllm_terratorch.predict_tasks import ProcessorSpec
 
 # Environment passed to every Ray worker (engine settings, Hub access, our IO settings).
 ENV_PREFIXES = ("VLLM_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "OMP_")
+# Memory (bytes) reserved per decode / write task: a scene, its tiles and its outputs.
+TASK_MEMORY = 256 * 1024 * 1024
 
 
 def _decode_row(row: dict[str, Any], spec: ProcessorSpec) -> dict[str, Any]:
@@ -124,8 +127,6 @@ class EngineActor:
 
 def _scenes_per_batch(todo: list[Item], chunk_tiles: int, spec_tiles: tuple[int, int, int, int]) -> int:
     """Scenes per actor call so that a call holds about `chunk_tiles` tiles (from input headers)."""
-    import math
-
     import rasterio
 
     h_crop, w_crop, h_stride, w_stride = spec_tiles
@@ -157,7 +158,7 @@ def _tiling(model_dir: Path) -> tuple[int, int, int, int]:
 
 
 def run_ray(args: argparse.Namespace, todo: list[Item], *, model_dir: Path, plugin: str,
-            engine_options: dict[str, Any], skipped: int, meta: dict[str, Any]) -> PipelineStats:
+            engine_options: dict[str, Any], meta: dict[str, Any]) -> PipelineStats:
     try:
         import ray
     except ImportError:
@@ -198,8 +199,12 @@ def run_ray(args: argparse.Namespace, todo: list[Item], *, model_dir: Path, plug
         rows = [{"index": item.index, "path": str(item.source), "target": str(item.output)} for item in todo]
         by_index = {item.index: item for item in todo}
         dataset = (
-            ray.data.from_items(rows, override_num_blocks=min(len(rows), 1000))
-            .map(_decode_row, fn_kwargs={"spec": spec})
+            # Blocks of a quarter engine batch: few enough tasks that Ray's per-task cost stays
+            # small, enough that decoding runs in parallel and ahead of the actors.
+            ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / max(1, scenes_per_batch // 4))))
+            # Decoding stays a task stage: Ray Data fuses a task stage into the following actor
+            # stage when their resource requests match, and the tasks' memory request differs.
+            .map(_decode_row, fn_kwargs={"spec": spec}, memory=TASK_MEMORY)
             .map_batches(
                 EngineActor,
                 fn_constructor_kwargs={"kwargs": kwargs},
@@ -210,15 +215,17 @@ def run_ray(args: argparse.Namespace, todo: list[Item], *, model_dir: Path, plug
                 batch_format="numpy",
                 zero_copy_batch=True,
             )
-            .map(_write_row, fn_kwargs={"spec": spec})
+            .map(_write_row, fn_kwargs={"spec": spec}, memory=TASK_MEMORY)
         )
-        progress = Progress(len(todo), not args.no_progress, skipped)
+        progress = Progress(len(todo), not args.no_progress)
         first_engine, last_write = None, None
         start = time.monotonic()
         try:
             for row in dataset.iter_rows():
+                progress.start()
                 item = by_index[int(row["index"])]
                 stats.engine_busy_s += float(row["engine_s"])
+                stats.engine_calls += int(row["engine_s"] > 0)
                 first_engine = min(first_engine or row["engine_start"], row["engine_start"])
                 if row["finished"]:
                     last_write = max(last_write or row["finished"], row["finished"])

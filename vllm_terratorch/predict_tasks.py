@@ -195,13 +195,16 @@ def decode_scene(spec: ProcessorSpec, index: int, path: str) -> dict[str, Any]:
         return {"index": index, "ok": False, "error": describe_error(error), "started": started}
 
 
-def render_result(spec: ProcessorSpec, outputs: tuple[str, Any], pending: Any) -> bytes:
-    """Tile outputs of one scene -> the bytes of its output file (GeoTIFF, or JSON for classification)."""
+def render_result(spec: ProcessorSpec, index: int, outputs: tuple[str, Any], pending: Any) -> bytes:
+    """Tile outputs of one scene -> the bytes of its output file (GeoTIFF, or JSON for classification).
+
+    Goes through the processor's own `complete` (its checks included: tile count, non-finite
+    outputs of a failed forward), as a `/pooling` request does.
+    """
     processor = get_processor(spec)
-    tensors = list(from_wire(outputs))
-    if len(tensors) != len(pending.plan):
-        raise ValueError(f"expected {len(pending.plan)} tile outputs, got {len(tensors)}")
-    result = processor.render(tensors, pending)
+    key = f"predict-write-{os.getpid()}-{index}"
+    processor._remember(key, pending)  # `complete` takes it back out, whatever happens
+    result = processor.complete(list(from_wire(outputs)), key)
     if isinstance(result, dict):
         return (json.dumps(result, indent=2) + "\n").encode()
     return result
@@ -229,7 +232,7 @@ def write_prediction(
 ) -> dict[str, Any]:
     """Render and write one scene's prediction; returns its record fields."""
     try:
-        atomic_write(Path(target), render_result(spec, outputs, pending))
+        atomic_write(Path(target), render_result(spec, index, outputs, pending))
         return {"index": index, "ok": True, "started": started, "finished": time.time()}
     except Exception as error:  # noqa: BLE001
         return {"index": index, "ok": False, "error": describe_error(error), "started": started, "finished": time.time()}
