@@ -172,8 +172,8 @@ def decode_scene(spec: ProcessorSpec, index: int, path: str) -> dict[str, Any]:
         try:
             prompts = processor.prepare(data, request, key)
         finally:
-            with processor._lock:  # `prepare` keeps what `render` needs; it travels with the tiles
-                pending = processor._pending.pop(key, None)
+            # `prepare` keeps what `render` needs; it travels with the tiles
+            pending = processor.take_pending(key)
         import torch
 
         images = [prompt["multi_modal_data"]["image"] for prompt in prompts]
@@ -203,7 +203,7 @@ def render_result(spec: ProcessorSpec, index: int, outputs: tuple[str, Any], pen
     """
     processor = get_processor(spec)
     key = f"predict-write-{os.getpid()}-{index}"
-    processor._remember(key, pending)  # `complete` takes it back out, whatever happens
+    processor.remember(key, pending)  # `complete` takes it back out, whatever happens
     result = processor.complete(list(from_wire(outputs)), key)
     if isinstance(result, dict):
         return (json.dumps(result, indent=2) + "\n").encode()

@@ -162,10 +162,18 @@ class GeoTiffProcessor(IOProcessor):
             for tile in tiles
         ]
 
+    def take_pending(self, key: str) -> Pending | None:
+        """Remove and return what `prepare(key)` remembered (to complete it in another process)."""
+        with self._lock:
+            return self._pending.pop(key, None)
+
+    def remember(self, key: str, pending: Pending) -> None:
+        """Hand back a `Pending` taken elsewhere, so that `complete(key)` can finish it here."""
+        self._remember(key, pending)
+
     def complete(self, outputs: list[torch.Tensor], key: str) -> bytes | dict[str, Any]:
         """The tile outputs of request `key` -> its result (GeoTIFF bytes, or a JSON-able dict)."""
-        with self._lock:
-            pending = self._pending.pop(key, None)
+        pending = self.take_pending(key)
         if pending is None:
             raise RequestError(f"no pre-processed request {key!r} (it expired or was already answered)")
         if len(outputs) != len(pending.plan):
