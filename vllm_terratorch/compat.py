@@ -11,9 +11,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from vllm_terratorch.config import ARCHITECTURE
+
 logger = logging.getLogger("vllm_terratorch")
 
-ARCHITECTURE = "Terratorch"
 MODEL_CLASS = "vllm_terratorch.model:TerratorchModel"
 _GUARD_MARK = "_vllm_terratorch_guard"
 

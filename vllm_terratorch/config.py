@@ -44,6 +44,18 @@ class InputSpec(BaseModel):
         return self
 
     @property
+    def image_input(self) -> str:
+        """The image input: the target, else the only input of rank >= 3 (tiled by IO processors)."""
+        if self.target is not None:
+            return self.target
+        images = [name for name, tensor in self.data.items() if len(tensor.shape) >= 3]
+        if len(images) != 1:
+            raise ConfigError(
+                f"pretrained_cfg.input: cannot tell which input is the image ({list(self.data)}); set input.target"
+            )
+        return images[0]
+
+    @property
     def keyword_names(self) -> list[str]:
         """Inputs passed to `forward` as keywords (all but the target)."""
         return [name for name in self.data if name != self.target]
@@ -117,6 +129,11 @@ def parse_pretrained_cfg(raw: Any, source: str = "pretrained_cfg") -> Pretrained
         {"architectures": [ARCHITECTURE], "num_classes": 0, "pretrained_cfg": raw}, source
     )
     return config.pretrained_cfg
+
+
+def pretrained_cfg_of(hf_config: Any, model: str) -> PretrainedCfg:
+    """The validated `pretrained_cfg` of the config vLLM loaded for `model`."""
+    return parse_pretrained_cfg(hf_config.to_dict().get("pretrained_cfg"), source=f"{model}: config.json pretrained_cfg")
 
 
 def load_config(path: str | Path) -> TerratorchConfig:

@@ -118,9 +118,6 @@ class ForwardPlan:
             return (), tensors
         return (tensors.pop(self.positional),), tensors
 
-    def batch_size(self, inputs: Mapping[str, torch.Tensor | Sequence[torch.Tensor]]) -> int:
-        return len(inputs[self.names[0]])
-
 
 def task_output(output: Any) -> torch.Tensor:
     """The task's prediction tensor from whatever the network returned (ModelOutput, dict, tensor)."""

@@ -36,7 +36,7 @@ from vllm.sequence import IntermediateTensors
 
 from vllm_terratorch import envs
 from vllm_terratorch.compat import gpu_sync_allowed, logger
-from vllm_terratorch.config import InputSpec, PretrainedCfg, parse_pretrained_cfg
+from vllm_terratorch.config import InputSpec, PretrainedCfg, pretrained_cfg_of
 from vllm_terratorch.dummy import dummy_inputs
 from vllm_terratorch.factory import build_network
 from vllm_terratorch.forward import ForwardPlan, split_by_shape, task_output
@@ -45,10 +45,6 @@ from vllm_terratorch.inputs import validate_request_inputs
 from vllm_terratorch.weights import load_checkpoint, match_state_dict
 
 MODALITY = "image"
-
-
-def _pretrained_cfg(hf_config: Any, model: str) -> PretrainedCfg:
-    return parse_pretrained_cfg(hf_config.to_dict().get("pretrained_cfg"), source=f"{model}: config.json pretrained_cfg")
 
 
 def _fields(spec: InputSpec, *, shared: bool) -> dict[str, MultiModalFieldConfig]:
@@ -108,7 +104,7 @@ class TerratorchDataParser(MultiModalDataParser):
 class TerratorchProcessingInfo(BaseProcessingInfo):
     @cached_property
     def pretrained_cfg(self) -> PretrainedCfg:
-        return _pretrained_cfg(self.get_hf_config(), self.ctx.model_config.model)
+        return pretrained_cfg_of(self.get_hf_config(), self.ctx.model_config.model)
 
     @property
     def input_spec(self) -> InputSpec:
@@ -223,7 +219,7 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         self.model_reference = model_config.model
         self.revision = model_config.revision
         self.download_dir = vllm_config.load_config.download_dir
-        self.pretrained_cfg = _pretrained_cfg(model_config.hf_config, model_config.model)
+        self.pretrained_cfg = pretrained_cfg_of(model_config.hf_config, model_config.model)
         self.dtype = model_config.dtype
         self.network = build_network(self.pretrained_cfg.model).to(dtype=self.dtype)
         self.plan = ForwardPlan.for_network(self.pretrained_cfg.input, self.network)

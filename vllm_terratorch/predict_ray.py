@@ -144,15 +144,12 @@ def _scenes_per_batch(todo: list[Item], chunk_tiles: int, spec_tiles: tuple[int,
 
 
 def _tiling(model_dir: Path) -> tuple[int, int, int, int]:
-    import json
-
-    from vllm_terratorch.config import parse_pretrained_cfg
+    from vllm_terratorch.config import load_config
     from vllm_terratorch.io.tiling import tiling_from_config
 
-    cfg = parse_pretrained_cfg(json.loads((model_dir / "config.json").read_text()).get("pretrained_cfg"))
+    cfg = load_config(model_dir).pretrained_cfg
     spec = cfg.input
-    target = spec.target or next(name for name, tensor in spec.data.items() if len(tensor.shape) >= 3)
-    shape = spec.data[target].shape
+    shape = spec.data[spec.image_input].shape
     tiling = tiling_from_config(cfg.model.init_args.get("tiled_inference_parameters"), (shape[-2], shape[-1]))
     return tiling.h_crop, tiling.w_crop, tiling.h_stride, tiling.w_stride
 

@@ -25,7 +25,7 @@ from vllm.plugins.io_processors.interface import IOProcessor
 from vllm.pooling_params import PoolingParams
 
 from vllm_terratorch.compat import logger
-from vllm_terratorch.config import PretrainedCfg, parse_pretrained_cfg
+from vllm_terratorch.config import pretrained_cfg_of
 from vllm_terratorch.errors import ConfigError, RequestError
 from vllm_terratorch.io.coords import acquisition_date, centre_lon_lat, year_and_day
 from vllm_terratorch.io.geotiff import Raster, encode_geotiff, read_geotiff
@@ -53,18 +53,6 @@ class Pending:
     decode_s: float = 0.0
 
 
-def _image_input(pretrained_cfg: PretrainedCfg) -> str:
-    spec = pretrained_cfg.input
-    if spec.target is not None:
-        return spec.target
-    images = [name for name, tensor in spec.data.items() if len(tensor.shape) >= 3]
-    if len(images) != 1:
-        raise ConfigError(
-            f"pretrained_cfg.input: cannot tell which input is the image ({list(spec.data)}); set input.target"
-        )
-    return images[0]
-
-
 class GeoTiffProcessor(IOProcessor):
     """Shared pipeline; subclasses implement `render`."""
 
@@ -73,9 +61,7 @@ class GeoTiffProcessor(IOProcessor):
     def __init__(self, vllm_config: Any, renderer: Any = None) -> None:
         super().__init__(vllm_config, renderer)
         model_config = vllm_config.model_config
-        self.pretrained_cfg = parse_pretrained_cfg(
-            model_config.hf_config.to_dict().get("pretrained_cfg"), source=f"{model_config.model}: config.json pretrained_cfg"
-        )
+        self.pretrained_cfg = pretrained_cfg_of(model_config.hf_config, model_config.model)
         self.dtype: torch.dtype = model_config.dtype
         self.settings: IOSettings = load_io_settings()
         self.policy = SourcePolicy(
@@ -84,7 +70,7 @@ class GeoTiffProcessor(IOProcessor):
             getattr(model_config, "allowed_media_domains", None),
         )
         spec = self.pretrained_cfg.input
-        self.image_name = _image_input(self.pretrained_cfg)
+        self.image_name = spec.image_input
         image_shape = spec.data[self.image_name].shape
         self.preprocessing: Preprocessing = preprocessing_from_config(self.pretrained_cfg.data, image_shape[0])
         init_args = self.pretrained_cfg.model.init_args
