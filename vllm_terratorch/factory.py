@@ -17,6 +17,7 @@ import torch
 
 from vllm_terratorch.config import TaskSpec
 from vllm_terratorch.errors import ModelBuildError
+from vllm_terratorch.legacy import translate_init_args
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +58,10 @@ def offline_init_args(init_args: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_task(spec: TaskSpec) -> Any:
-    """Instantiate the Lightning task of `spec` in eval mode."""
+    """Instantiate the Lightning task of `spec` in eval mode (older-TerraTorch arguments translated)."""
     task_class = resolve_task_class(spec.class_path)
     try:
-        task = task_class(**offline_init_args(spec.init_args))
+        task = task_class(**translate_init_args(offline_init_args(spec.init_args)))
     except Exception as error:  # noqa: BLE001 - TerraTorch raises bare Exceptions for bad args
         raise ModelBuildError(
             f"TerraTorch could not build {spec.class_path} from pretrained_cfg.model.init_args: "

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from transformers import BatchFeature
 from vllm.config import VllmConfig
-from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.inputs import MultiModalDataDict, MultiModalInput, mm_input
 from vllm.model_executor.layers.pooler import IdentityPooler
 from vllm.model_executor.models.interfaces import IsAttentionFree, MultiModalEmbeddings, SupportsMultiModal
@@ -35,7 +34,7 @@ from vllm.multimodal.processing import (
 from vllm.sequence import IntermediateTensors
 
 from vllm_terratorch import envs
-from vllm_terratorch.compat import gpu_sync_allowed, logger
+from vllm_terratorch.compat import gpu_sync_allowed, logger, mm_hashes, skip_encoder_profiling
 from vllm_terratorch.config import InputSpec, PretrainedCfg, pretrained_cfg_of
 from vllm_terratorch.dummy import dummy_inputs
 from vllm_terratorch.factory import build_network
@@ -68,6 +67,10 @@ class TensorInputItems(ModalityDataItems[Mapping[str, torch.Tensor], Mapping[str
         return 1
 
     def get(self, index: int) -> Mapping[str, torch.Tensor]:
+        # IndexError past the one item ends iteration: ModalityDataItems iterates through
+        # __getitem__ (vLLM 0.26 hashes with `for item in data_items`).
+        if index not in (0, -1):
+            raise IndexError(f"one {MODALITY} item per request, no item {index}")
         return self.data
 
     def get_processor_data(self) -> Mapping[str, object]:
@@ -127,7 +130,7 @@ class TerratorchDummyInputsBuilder(BaseDummyInputsBuilder[TerratorchProcessingIn
         self,
         seq_len: int,
         mm_counts: Mapping[str, int],
-        mm_options: Mapping[str, MultiModalDummyOptions] | None = None,
+        mm_options: Any = None,  # per-modality options; differ between vLLM 0.26 and 0.32, unused
     ) -> MultiModalDataDict:
         # One request's inputs, in the model dtype; vLLM replicates the item for the batch
         # sizes it profiles and moves it to the device.
@@ -156,20 +159,50 @@ class TerratorchMultiModalProcessor(BaseMultiModalProcessor[TerratorchProcessing
 
     def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext) -> MultiModalInput:
         with timing_ctx.record("apply_hf_processor"):
-            passthrough = self._get_hf_mm_inputs(inputs.mm_data_items, inputs.hf_processor_mm_kwargs).passthrough_data
+            # Our items are passthrough-only (no HF processor runs), so they are read directly
+            # rather than through the base class's private helpers, which differ between releases.
+            passthrough: dict[str, object] = {}
+            for items in inputs.mm_data_items.values():
+                passthrough.update(items.get_passthrough_data())
             processed = BatchFeature({k: torch.as_tensor(v).unsqueeze(0) for k, v in passthrough.items()}, tensor_type="pt")
         mm_kwargs = MultiModalKwargsItems.from_hf_inputs(
             processed,
             self._get_mm_fields_config(processed, inputs.hf_processor_mm_kwargs, is_shared=False),
         )
         with timing_ctx.record("get_mm_hashes"):
-            mm_hashes = inputs.get_mm_hashes(self.info.model_id, self.info.ctx.get_mm_config().mm_hasher_algorithm)
+            hashes = mm_hashes(inputs, self.info.model_id, self.info.ctx.get_mm_config())
         return mm_input(
             prompt_token_ids=[1],
             mm_kwargs=mm_kwargs,
-            mm_hashes=mm_hashes,
+            mm_hashes=hashes,
             mm_placeholders={MODALITY: [PlaceholderRange(offset=0, length=0)]},
         )
+
+
+def _identical_requests(inputs: Mapping[str, Any]) -> bool:
+    """Whether every request of the batch carries the same inputs (as vLLM's dummy requests do)."""
+    for value in inputs.values():
+        items = list(value) if isinstance(value, (torch.Tensor, list, tuple)) else [value]
+        first = items[0] if items else None
+        if not all(isinstance(item, torch.Tensor) and isinstance(first, torch.Tensor) and item.shape == first.shape
+                   and torch.equal(item, first) for item in items[1:]):
+            return False
+    return True
+
+
+def _one_row_per_token(rows: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """`num_tokens` rows, each the first request's output, without copying.
+
+    Served requests are one token each, so `forward` returns one row per request and token. Only
+    vLLM's profiling run (`_dummy_run(max_num_tokens)`, called at start-up by vLLM 0.26's CPU
+    runner and by the GPU runners) spreads `max_num_batched_tokens` tokens over `max_num_seqs`
+    requests and indexes the output per token. Those requests all carry the same dummy item, so
+    their outputs are equal and a zero-copy expansion of the first row answers every token,
+    without allocating `max_num_batched_tokens` outputs. The network itself still ran on the full
+    dummy batch, which is the memory profile that matters. (A batch padded with extra tokens whose
+    requests differ keeps its one row per request: vLLM reads only the first rows of it.)
+    """
+    return rows[:1].expand(num_tokens, *rows.shape[1:])
 
 
 def _pad_and_stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -224,6 +257,7 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         self.network = build_network(self.pretrained_cfg.model).to(dtype=self.dtype)
         self.plan = ForwardPlan.for_network(self.pretrained_cfg.input, self.network)
         self.pooler = CroppingPooler()
+        skip_encoder_profiling(vllm_config)
         self._output_shape: tuple[int, ...] | None = None  # of the last successful forward
         logger.info(
             "vllm-terratorch: serving %s (%s) in %s as %s (%d torch threads)",
@@ -256,7 +290,14 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         inputs_embeds: torch.Tensor | None = None,
         **inputs: Any,
     ) -> torch.Tensor | list[torch.Tensor]:
-        device = positions.device
+        rows = self._forward_requests(inputs, positions.device)
+        num_tokens = positions.shape[0]
+        if num_tokens > len(rows) and _identical_requests(inputs):
+            return _one_row_per_token(rows, num_tokens)
+        return rows
+
+    def _forward_requests(self, inputs: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """One output row per request in the batch."""
         groups = split_by_shape(inputs, self.plan.names)
         outputs: list[torch.Tensor | None] = [None] * sum(len(indices) for indices, _ in groups)
         with gpu_sync_allowed():

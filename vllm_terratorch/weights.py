@@ -1,7 +1,7 @@
 """Checkpoint files -> a state dict that matches the network built from the config.
 
 Handles Lightning checkpoints (`.ckpt`/`.pt` with `state_dict` and `model.` prefixes), plain
-state dicts and `.safetensors`. Loading is strict by default: a checkpoint that does not fit the
+state dicts and `.safetensors`; keys of older TerraTorch layouts are mapped (`legacy`). Loading is strict by default: a checkpoint that does not fit the
 config is an error naming the keys, never a silently half-random model.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from vllm_terratorch.errors import ModelSourceError, WeightsError
+from vllm_terratorch.legacy import rename_checkpoint_keys
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ def match_state_dict(
     mapped = max(candidates, key=lambda c: len(c.keys() & expected.keys()))
     if mapped is as_task and len(as_task) < len(state):
         logger.info("%s: ignoring %d task-level tensors outside the network", source, len(state) - len(as_task))
+    mapped = rename_checkpoint_keys(mapped, expected.keys(), source=source)
 
     result: dict[str, torch.Tensor] = {}
     mismatched: list[str] = []

@@ -9,9 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import vllm
+from packaging.version import Version
 
 pytestmark = pytest.mark.integration
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+# vLLM 0.26's in-tree Terratorch model does not start (StopIteration in its profiling run, see
+# STACK.md): there the benchmark must report that path's error instead of numbers.
+INTREE_STARTS = Version(vllm.__version__).release >= (0, 27)
 
 
 def run(script: str, *args: str) -> None:
@@ -25,13 +30,16 @@ def test_offline_smoke(tmp_path):
     results = json.loads((tmp_path / "offline-tiny-64-float32-b4.json").read_text())
     assert (tmp_path / "offline-tiny-64-float32-b4.png").stat().st_size > 0
     assert set(results["paths"]) == {"raw", "ours", "intree"}
-    for name in ("raw", "ours", "intree"):
+    running = ("raw", "ours", "intree") if INTREE_STARTS else ("raw", "ours")
+    for name in running:
         entry = results["paths"][name]
         assert "error" not in entry, entry
         assert entry["images_per_s"]["n"] == 2 and entry["images_per_s"]["median"] > 0
-    assert results["paths"]["ours"]["max_abs_diff_vs_raw"] <= 1e-4
-    assert results["paths"]["intree"]["max_abs_diff_vs_raw"] <= 1e-4
-    assert set(results["ratios_vs_raw"]) == {"ours", "intree"}
+    for name in running[1:]:
+        assert results["paths"][name]["max_abs_diff_vs_raw"] <= 1e-4
+    assert set(results["ratios_vs_raw"]) == set(running[1:])
+    if not INTREE_STARTS:
+        assert "error" in results["paths"]["intree"]
 
 
 def test_online_smoke(tmp_path):

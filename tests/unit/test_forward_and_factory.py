@@ -138,3 +138,22 @@ def test_no_target_keywords_the_network_refuses():
 
     with pytest.raises(ConfigError, match=r"accepts no keyword\(s\) \['dem'\]"):
         ForwardPlan.for_network(spec({"pixel_values": [6, 4, 4], "dem": [1, 2]}), Strict())
+
+
+def test_only_a_batch_of_identical_requests_is_expanded_per_token():
+    # vLLM's profiling run spreads many tokens over identical dummy requests and reads the output
+    # per token; a real batch with more tokens than requests (padding) must keep its own rows.
+    from vllm_terratorch.model import _identical_requests, _one_row_per_token
+
+    image = torch.rand(6, 8, 8)
+    same = {"pixel_values": torch.stack([image, image, image]), "location_coords": [torch.zeros(1, 2)] * 3}
+    assert _identical_requests(same)
+    differing = {"pixel_values": torch.stack([image, image, image + 1]), "location_coords": [torch.zeros(1, 2)] * 3}
+    assert not _identical_requests(differing)
+    mixed_sizes = {"pixel_values": [image, torch.rand(6, 16, 16)]}
+    assert not _identical_requests(mixed_sizes)
+
+    rows = torch.rand(3, 2, 4)
+    expanded = _one_row_per_token(rows, 10)
+    assert expanded.shape == (10, 2, 4) and torch.equal(expanded[9], rows[0])
+    assert expanded.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr()  # no copy

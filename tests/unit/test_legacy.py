@@ -1,0 +1,113 @@
+"""Configs and checkpoints of older TerraTorch releases on the installed one (vllm_terratorch.legacy)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from legacy_fixture import FIXTURE, expected_outputs, requests
+
+from vllm_terratorch import legacy
+from vllm_terratorch.config import load_config
+from vllm_terratorch.factory import build_network
+from vllm_terratorch.forward import ForwardPlan, task_output
+from vllm_terratorch.weights import load_checkpoint, match_state_dict
+
+MISSION_ARGS = {
+    "model_args": {
+        "backbone": "prithvi_eo_v2_300_tl",
+        "decoder": "UperNetDecoder",
+        "decoder_channels": 256,
+        "decoder_scale_modules": True,
+        "necks": [{"name": "SelectIndices", "indices": [5, 11, 17, 23]}, {"name": "ReshapeTokensToImage"}],
+    },
+    "loss": "ce",
+}
+
+
+def test_scale_modules_become_the_pyramidal_neck_where_removed(caplog):
+    original = copy.deepcopy(MISSION_ARGS)
+    with caplog.at_level(logging.INFO, logger="vllm_terratorch"):
+        translated = legacy.translate_init_args(MISSION_ARGS, scale_modules_supported=False)
+    assert MISSION_ARGS == original, "the caller's config must not change"
+    model_args = translated["model_args"]
+    assert "decoder_scale_modules" not in model_args
+    assert model_args["necks"] == [*original["model_args"]["necks"], {"name": "LearnedInterpolateToPyramidal"}]
+    assert translated["loss"] == "ce"
+    assert "decoder_scale_modules=True" in caplog.text and "LearnedInterpolateToPyramidal" in caplog.text
+
+
+def test_scale_modules_false_is_dropped_and_no_neck_added():
+    args = {"model_args": {"decoder": "UperNetDecoder", "decoder_scale_modules": False, "necks": [{"name": "ReshapeTokensToImage"}]}}
+    translated = legacy.translate_init_args(args, scale_modules_supported=False)
+    assert translated["model_args"] == {"decoder": "UperNetDecoder", "necks": [{"name": "ReshapeTokensToImage"}]}
+
+
+def test_a_config_without_necks_gets_one():
+    translated = legacy.translate_init_args({"model_args": {"decoder_scale_modules": True}}, scale_modules_supported=False)
+    assert translated["model_args"]["necks"] == [{"name": "LearnedInterpolateToPyramidal"}]
+
+
+@pytest.mark.parametrize("args", [MISSION_ARGS, {"model_args": {"decoder": "FCNDecoder"}}, {"loss": "ce"}])
+def test_nothing_changes_where_the_argument_still_exists_or_is_absent(args):
+    assert legacy.translate_init_args(args, scale_modules_supported=True) is args
+    if "decoder_scale_modules" not in args.get("model_args", {}):
+        assert legacy.translate_init_args(args, scale_modules_supported=False) is args
+
+
+def test_old_checkpoint_keys_move_to_the_last_pyramidal_neck(caplog):
+    expected = ["neck.0.weight", "neck.2.fpn1.0.weight", "neck.2.fpn2.0.bias", "decoder.lateral_convs.0.conv.weight"]
+    state = {
+        "decoder.fpn1.0.weight": 1,
+        "decoder.fpn2.0.bias": 2,
+        "decoder.lateral_convs.0.conv.weight": 3,
+        "neck.0.weight": 4,
+        "decoder.fpn4.9.weight": 5,  # no home in the network: left for the strict check to report
+    }
+    with caplog.at_level(logging.INFO, logger="vllm_terratorch"):
+        renamed = legacy.rename_checkpoint_keys(state, expected, source="ckpt")
+    assert renamed == {
+        "neck.2.fpn1.0.weight": 1,
+        "neck.2.fpn2.0.bias": 2,
+        "decoder.lateral_convs.0.conv.weight": 3,
+        "neck.0.weight": 4,
+        "decoder.fpn4.9.weight": 5,
+    }
+    assert "2 tensors of decoder scale modules" in caplog.text
+
+
+def test_keys_the_network_has_are_never_renamed():
+    state = {"decoder.fpn1.0.weight": 1, "neck.2.fpn1.0.weight": 2}
+    assert legacy.rename_checkpoint_keys(state, ["decoder.fpn1.0.weight", "neck.2.fpn1.0.weight"]) == state
+
+
+def test_prefixed_old_keys_find_the_neck_under_the_same_prefix():
+    renamed = legacy.rename_checkpoint_keys({"model.decoder.fpn2.0.weight": 1}, ["model.neck.1.fpn2.0.weight", "neck.3.fpn2.0.weight"])
+    assert renamed == {"model.neck.1.fpn2.0.weight": 1}
+
+
+@pytest.fixture(params=["installed TerraTorch", "translation forced"])
+def terratorch_mode(request, monkeypatch):
+    """Serve the fixture as the installed TerraTorch allows, and also through the translation
+    (on 1.2.10 this proves the translated network computes what the old argument did)."""
+    if request.param == "translation forced":
+        monkeypatch.setattr(legacy, "upernet_accepts_scale_modules", lambda: False)
+    return request.param
+
+
+def test_old_layout_checkpoint_reproduces_terratorch_1_2_10_outputs(terratorch_mode):
+    config = load_config(FIXTURE / "model")
+    network = build_network(config.pretrained_cfg.model).eval()
+    state = match_state_dict(load_checkpoint(FIXTURE / "model"), network.state_dict(), strict=True)
+    network.load_state_dict(state, strict=True)
+    translated = not legacy.upernet_accepts_scale_modules()
+    assert translated == any(type(m).__name__ == "LearnedInterpolateToPyramidal" for m in network.modules())
+    plan = ForwardPlan.for_network(config.pretrained_cfg.input, network)
+    outputs = []
+    with torch.no_grad():
+        for request in requests():
+            args, kwargs = plan.batch({name: tensor[None] for name, tensor in request.items()}, torch.float32, "cpu")
+            outputs.append(task_output(network(*args, **kwargs)))
+    assert (torch.cat(outputs) - expected_outputs()).abs().max() <= 1e-5
