@@ -8,7 +8,7 @@ One place for every translation between TerraTorch versions, each logged at INFO
   same layers and runs at the same point (after every other neck, right before the decoder), so
   appending that neck computes the same function. Checkpoints trained with the old argument keep
   those weights under `decoder.fpnN.*`; the new network has them under `neck.<i>.fpnN.*`, so
-  `rename_checkpoint_keys` moves them.
+  `rename_checkpoint_keys` moves them (and back, for a folder written on 1.2.13 and served on 1.2.10).
 
 Where the installed TerraTorch still accepts the old argument (1.2.10), configs are built as
 written: nothing is translated and the old keys are the network's own.
@@ -28,8 +28,10 @@ logger = logging.getLogger(__name__)
 
 SCALE_MODULES_ARG = "decoder_scale_modules"
 PYRAMIDAL_NECK = "LearnedInterpolateToPyramidal"
-# A checkpoint key of the old layout: `<prefix>decoder.fpnN.<rest>`.
+# The scale layers' keys in the old layout (`<prefix>decoder.fpnN.<rest>`) and in the new one
+# (`<prefix>neck.<i>.fpnN.<rest>`).
 _OLD_SCALE_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)decoder\.(?P<rest>fpn[1-4]\..+)$")
+_NEW_SCALE_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)neck\.\d+\.(?P<rest>fpn[1-4]\..+)$")
 
 T = TypeVar("T")
 
@@ -74,30 +76,37 @@ def translate_init_args(init_args: dict[str, Any], *, scale_modules_supported: b
 def rename_checkpoint_keys(
     state: Mapping[str, T], expected: Iterable[str], *, source: str = "checkpoint"
 ) -> dict[str, T]:
-    """Move old-layout `decoder.fpnN.*` tensors to where the network built today keeps them.
+    """Move the scale layers' tensors to where the network built here keeps them.
 
-    Only keys the network lacks are considered, and each goes to the last neck holding the same
-    sub-key under the same prefix (the appended `LearnedInterpolateToPyramidal`). Keys with no
-    such home are left alone, for the strict match to report.
+    Old-layout `decoder.fpnN.*` tensors go to the last neck holding the same sub-key under the
+    same prefix (the appended `LearnedInterpolateToPyramidal`), when the network was translated.
+    The other way round, new-layout `neck.<i>.fpnN.*` tensors (a folder written on TerraTorch
+    1.2.13, e.g. by `vllm-terratorch export`, whose config still says `decoder_scale_modules`) go
+    back to `decoder.fpnN.*` when the installed TerraTorch builds the old argument. Only keys the
+    network lacks are considered; keys with no such home are left alone, for the strict match to
+    report.
     """
     expected = set(expected)
     renamed: dict[str, T] = {}
     moved = 0
     for key, value in state.items():
-        match = None if key in expected else _OLD_SCALE_KEY.match(key)
-        target = _neck_home(match, expected) if match else None
+        target = None if key in expected else _home(key, expected)
         if target is not None and target not in state:
             renamed[target] = value
             moved += 1
         else:
             renamed[key] = value
     if moved:
-        logger.info("%s: %d tensors of decoder scale modules (decoder.fpnN.*) mapped to the %s neck", source, moved, PYRAMIDAL_NECK)
+        logger.info("%s: %d tensors of UperNet scale modules (decoder.fpnN.* / %s neck) mapped to the layout of the installed TerraTorch", source, moved, PYRAMIDAL_NECK)
     return renamed
 
 
-def _neck_home(match: re.Match[str], expected: set[str]) -> str | None:
-    prefix, rest = match["prefix"], match["rest"]
-    pattern = re.compile(rf"^{re.escape(prefix)}neck\.(\d+)\.{re.escape(rest)}$")
-    homes = [(int(m.group(1)), key) for key in expected if (m := pattern.match(key))]
-    return max(homes)[1] if homes else None
+def _home(key: str, expected: set[str]) -> str | None:
+    if match := _OLD_SCALE_KEY.match(key):
+        pattern = re.compile(rf"^{re.escape(match['prefix'])}neck\.(\d+)\.{re.escape(match['rest'])}$")
+        homes = [(int(m.group(1)), candidate) for candidate in expected if (m := pattern.match(candidate))]
+        return max(homes)[1] if homes else None
+    if match := _NEW_SCALE_KEY.match(key):
+        old = f"{match['prefix']}decoder.{match['rest']}"
+        return old if old in expected else None
+    return None

@@ -75,7 +75,15 @@ def test_old_checkpoint_keys_move_to_the_last_pyramidal_neck(caplog):
         "neck.0.weight": 4,
         "decoder.fpn4.9.weight": 5,
     }
-    assert "2 tensors of decoder scale modules" in caplog.text
+    assert "2 tensors of UperNet scale modules" in caplog.text
+
+
+def test_new_layout_keys_go_back_to_the_decoder_where_the_old_argument_is_built():
+    expected = ["decoder.fpn1.0.weight", "decoder.fpn2.0.bias", "neck.0.weight"]
+    state = {"neck.2.fpn1.0.weight": 1, "neck.2.fpn2.0.bias": 2, "neck.0.weight": 3, "neck.2.fpn3.0.weight": 4}
+    assert legacy.rename_checkpoint_keys(state, expected) == {
+        "decoder.fpn1.0.weight": 1, "decoder.fpn2.0.bias": 2, "neck.0.weight": 3, "neck.2.fpn3.0.weight": 4,
+    }
 
 
 def test_keys_the_network_has_are_never_renamed():
@@ -111,3 +119,26 @@ def test_old_layout_checkpoint_reproduces_terratorch_1_2_10_outputs(terratorch_m
             args, kwargs = plan.batch({name: tensor[None] for name, tensor in request.items()}, torch.float32, "cpu")
             outputs.append(task_output(network(*args, **kwargs)))
     assert (torch.cat(outputs) - expected_outputs()).abs().max() <= 1e-5
+
+
+def test_weights_saved_in_the_new_layout_serve_where_the_old_argument_is_built(monkeypatch):
+    """A folder written on TerraTorch 1.2.13 (e.g. by `export`) keeps its config's
+    decoder_scale_modules but stores the neck layout; TerraTorch 1.2.10 must serve it unchanged."""
+    if not legacy.upernet_accepts_scale_modules():
+        pytest.skip("needs a TerraTorch that still builds decoder_scale_modules (1.2.10, the primary stack)")
+    config = load_config(FIXTURE / "model")
+    old = build_network(config.pretrained_cfg.model).eval()
+    old.load_state_dict(match_state_dict(load_checkpoint(FIXTURE / "model"), old.state_dict()))
+    with monkeypatch.context() as patch:
+        patch.setattr(legacy, "upernet_accepts_scale_modules", lambda: False)
+        new = build_network(config.pretrained_cfg.model).eval()
+    new.load_state_dict(match_state_dict(old.state_dict(), new.state_dict()))
+    new_layout = new.state_dict()
+    assert any(".fpn1." in key and key.startswith("neck.") for key in new_layout)
+    again = build_network(config.pretrained_cfg.model).eval()
+    again.load_state_dict(match_state_dict(new_layout, again.state_dict()))
+    request = requests()[0]
+    coords = request["location_coords"]
+    with torch.no_grad():
+        outputs = [task_output(net(request["pixel_values"][None], location_coords=coords)) for net in (old, new, again)]
+    assert torch.equal(outputs[0], outputs[2]) and (outputs[0] - outputs[1]).abs().max() <= 1e-5
