@@ -18,6 +18,7 @@ import gc
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,31 +55,44 @@ def make_inputs(cfg: dict[str, Any], count: int) -> list[dict[str, torch.Tensor]
     return [{"pixel_values": torch.randn(shape, generator=generator), "location_coords": coords} for _ in range(count)]
 
 
+def timed(run: Callable[[], list[torch.Tensor]], repeats: int) -> tuple[list[float], list[torch.Tensor]]:
+    """One warm-up call (its outputs are returned for the comparison), then `repeats` timed calls."""
+    outputs = run()
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - started)
+    return seconds, outputs
+
+
+def batched(forward: Callable[[int, int], torch.Tensor], count: int, batch: int, device: str) -> Callable[[], list[torch.Tensor]]:
+    """A pass over `count` images, `batch` at a time (`forward(start, stop)`), outputs on the CPU."""
+
+    def run() -> list[torch.Tensor]:
+        outputs: list[torch.Tensor] = []
+        with torch.inference_mode():
+            for start in range(0, count, batch):
+                outputs.extend(forward(start, start + batch).to("cpu", non_blocking=True))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return outputs
+
+    return run
+
+
 def time_raw(cfg: dict[str, Any], inputs: list[dict[str, torch.Tensor]], batch: int, dtype: torch.dtype, device: str, repeats: int) -> tuple[list[float], list[torch.Tensor]]:
+    """The network alone, called the way TerraTorch's own inference does."""
     from vllm_terratorch.samples import build_sample_task
 
     network = build_sample_task(cfg).model.to(device=device, dtype=dtype).eval()
     pixels = torch.stack([i["pixel_values"] for i in inputs]).to(device=device, dtype=dtype)
     coords = torch.cat([i["location_coords"] for i in inputs]).to(device=device, dtype=dtype)
 
-    def run() -> list[torch.Tensor]:
-        outputs = []
-        with torch.inference_mode():
-            for start in range(0, len(inputs), batch):
-                out = network(pixels[start : start + batch], location_coords=coords[start : start + batch]).output
-                outputs.extend(out.to("cpu", non_blocking=True))
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return outputs
+    def forward(start: int, stop: int) -> torch.Tensor:
+        return network(pixels[start:stop], location_coords=coords[start:stop]).output
 
-    outputs = run()  # warm-up
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - started)
-    del network
-    return seconds, outputs
+    return timed(batched(forward, len(inputs), batch, device), repeats)
 
 
 def time_adapter(folder: Path, inputs: list[dict[str, torch.Tensor]], batch: int, dtype: torch.dtype, device: str, repeats: int) -> tuple[list[float], list[torch.Tensor]]:
@@ -99,23 +113,11 @@ def time_adapter(folder: Path, inputs: list[dict[str, torch.Tensor]], batch: int
     plan = ForwardPlan.for_network(config.input, network)
     stacked = {name: torch.stack([i[name] for i in inputs]) for name in plan.names}
 
-    def run() -> list[torch.Tensor]:
-        outputs = []
-        with torch.inference_mode():
-            for start in range(0, len(inputs), batch):
-                args, kwargs = plan.batch({k: v[start : start + batch] for k, v in stacked.items()}, dtype, device)
-                outputs.extend(task_output(network(*args, **kwargs)).to("cpu", non_blocking=True))
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return outputs
+    def forward(start: int, stop: int) -> torch.Tensor:
+        args, kwargs = plan.batch({k: v[start:stop] for k, v in stacked.items()}, dtype, device)
+        return task_output(network(*args, **kwargs))
 
-    outputs = run()
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - started)
-    return seconds, outputs
+    return timed(batched(forward, len(inputs), batch, device), repeats)
 
 
 def flops_per_image(cfg: dict[str, Any], inputs: list[dict[str, torch.Tensor]], device: str) -> float:
@@ -153,12 +155,7 @@ def time_engine(folder: Path, inputs: list[dict[str, torch.Tensor]], batch: int,
             os.environ["VLLM_PLUGINS"] = saved_plugins
     prompts = [{"prompt_token_ids": [1], "multi_modal_data": {"image": dict(i)}} for i in inputs]
     try:
-        outputs = [o.outputs.data for o in llm.encode(prompts, pooling_task="plugin", use_tqdm=False)]  # warm-up
-        seconds = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            llm.encode(prompts, pooling_task="plugin", use_tqdm=False)
-            seconds.append(time.perf_counter() - started)
+        seconds, outputs = timed(lambda: [o.outputs.data for o in llm.encode(prompts, pooling_task="plugin", use_tqdm=False)], repeats)
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm

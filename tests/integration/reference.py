@@ -1,5 +1,6 @@
-"""An independent plain-PyTorch sliding-window reference: reflect-pad, run every window, blend
-overlaps with linear ramps (the documented blending), crop back. No vllm_terratorch code."""
+"""Independent plain-PyTorch references, no vllm_terratorch code: the datamodule's normalisation of
+a scene, and the sliding window (reflect-pad, run every window, blend overlaps with linear ramps,
+the documented blending, crop back)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,19 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+
+
+def normalised_scene(path, means: list[float], stds: list[float], scale: float = 0.0001) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GeoTIFF as the datamodule feeds it to the model (scaled, standardised per band, batch of
+    one) and its centre's (lon, lat), as `location_coords`."""
+    import rasterio
+
+    with rasterio.open(path) as source:
+        pixels = source.read().astype(np.float32) * scale
+        lon, lat = source.lnglat()
+    mean = np.array(means, dtype=np.float32)[:, None, None]
+    std = np.array(stds, dtype=np.float32)[:, None, None]
+    return torch.from_numpy((pixels - mean) / std)[None], torch.tensor([[lon, lat]])
 
 
 def ramp(crop: int, stride: int) -> np.ndarray:

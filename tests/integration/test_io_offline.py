@@ -11,7 +11,7 @@ import pytest
 import rasterio
 import torch
 from helpers import engine
-from reference import sliding_window
+from reference import normalised_scene, sliding_window
 
 from vllm_terratorch.samples import MEANS, STDS, build_sample_task, sample_pretrained_cfg, write_model_folder, write_sample_geotiff
 
@@ -19,12 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def normalised(path) -> tuple[torch.Tensor, torch.Tensor]:
-    with rasterio.open(path) as source:
-        pixels = source.read().astype(np.float32) * 0.0001
-        lon, lat = source.lnglat()
-    mean = np.array(MEANS, dtype=np.float32)[:, None, None]
-    std = np.array(STDS, dtype=np.float32)[:, None, None]
-    return torch.from_numpy((pixels - mean) / std)[None], torch.tensor([[lon, lat]])
+    return normalised_scene(path, MEANS, STDS)
 
 
 def encode_plugin(llm, scene, out_data_format="b64_json"):

@@ -16,6 +16,8 @@ import rasterio
 import requests
 import torch
 
+from reference import normalised_scene
+
 from vllm_terratorch.launcher import DOCUMENTED, Server
 from vllm_terratorch.samples import MEANS, STDS, build_sample_task, sample_pretrained_cfg, write_model_folder, write_sample_geotiff
 
@@ -60,15 +62,10 @@ def server(workdir):
 
 def reference_mask(path, dtype=torch.float32) -> np.ndarray:
     """Plain PyTorch for one model-sized tile: normalise as the datamodule does, forward, argmax."""
-    with rasterio.open(path) as source:
-        pixels = source.read().astype(np.float32) * 0.0001
-        lon, lat = source.lnglat()
-    mean = np.array(MEANS, dtype=np.float32)[:, None, None]
-    std = np.array(STDS, dtype=np.float32)[:, None, None]
-    image = torch.from_numpy((pixels - mean) / std)[None].to(dtype)
+    image, coords = normalised_scene(path, MEANS, STDS)
     network = build_sample_task(CFG).model.to(dtype)
     with torch.no_grad():
-        logits = network(image, location_coords=torch.tensor([[lon, lat]], dtype=dtype)).output[0]
+        logits = network(image.to(dtype), location_coords=coords.to(dtype)).output[0]
     return logits.float().argmax(dim=0).numpy().astype(np.uint8)
 
 

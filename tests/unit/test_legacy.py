@@ -27,16 +27,28 @@ MISSION_ARGS = {
 }
 
 
-def test_scale_modules_become_the_pyramidal_neck_where_removed(caplog):
+@pytest.fixture
+def our_log(caplog):
+    """Our INFO records, wherever vLLM has routed the package logger by now (once vLLM's logging
+    is configured, records no longer propagate to the root logger that caplog listens on)."""
+    ours = logging.getLogger("vllm_terratorch")
+    level = ours.level
+    ours.addHandler(caplog.handler)
+    ours.setLevel(logging.INFO)
+    yield caplog
+    ours.removeHandler(caplog.handler)
+    ours.setLevel(level)
+
+
+def test_scale_modules_become_the_pyramidal_neck_where_removed(our_log):
     original = copy.deepcopy(MISSION_ARGS)
-    with caplog.at_level(logging.INFO, logger="vllm_terratorch"):
-        translated = legacy.translate_init_args(MISSION_ARGS, scale_modules_supported=False)
+    translated = legacy.translate_init_args(MISSION_ARGS, scale_modules_supported=False)
     assert MISSION_ARGS == original, "the caller's config must not change"
     model_args = translated["model_args"]
     assert "decoder_scale_modules" not in model_args
     assert model_args["necks"] == [*original["model_args"]["necks"], {"name": "LearnedInterpolateToPyramidal"}]
     assert translated["loss"] == "ce"
-    assert "decoder_scale_modules=True" in caplog.text and "LearnedInterpolateToPyramidal" in caplog.text
+    assert "decoder_scale_modules=True" in our_log.text and "LearnedInterpolateToPyramidal" in our_log.text
 
 
 def test_scale_modules_false_is_dropped_and_no_neck_added():
@@ -57,7 +69,7 @@ def test_nothing_changes_where_the_argument_still_exists_or_is_absent(args):
         assert legacy.translate_init_args(args, scale_modules_supported=False) is args
 
 
-def test_old_checkpoint_keys_move_to_the_last_pyramidal_neck(caplog):
+def test_old_checkpoint_keys_move_to_the_last_pyramidal_neck(our_log):
     expected = ["neck.0.weight", "neck.2.fpn1.0.weight", "neck.2.fpn2.0.bias", "decoder.lateral_convs.0.conv.weight"]
     state = {
         "decoder.fpn1.0.weight": 1,
@@ -66,8 +78,7 @@ def test_old_checkpoint_keys_move_to_the_last_pyramidal_neck(caplog):
         "neck.0.weight": 4,
         "decoder.fpn4.9.weight": 5,  # no home in the network: left for the strict check to report
     }
-    with caplog.at_level(logging.INFO, logger="vllm_terratorch"):
-        renamed = legacy.rename_checkpoint_keys(state, expected, source="ckpt")
+    renamed = legacy.rename_checkpoint_keys(state, expected, source="ckpt")
     assert renamed == {
         "neck.2.fpn1.0.weight": 1,
         "neck.2.fpn2.0.bias": 2,
@@ -75,7 +86,7 @@ def test_old_checkpoint_keys_move_to_the_last_pyramidal_neck(caplog):
         "neck.0.weight": 4,
         "decoder.fpn4.9.weight": 5,
     }
-    assert "2 tensors of UperNet scale modules" in caplog.text
+    assert "2 tensors of UperNet scale modules" in our_log.text
 
 
 def test_new_layout_keys_go_back_to_the_decoder_where_the_old_argument_is_built():
