@@ -184,9 +184,11 @@ def _identical_requests(inputs: Mapping[str, Any]) -> bool:
     for value in inputs.values():
         items = list(value) if isinstance(value, (torch.Tensor, list, tuple)) else [value]
         first = items[0] if items else None
-        if not all(isinstance(item, torch.Tensor) and isinstance(first, torch.Tensor) and item.shape == first.shape
-                   and torch.equal(item, first) for item in items[1:]):
-            return False
+        for item in items[1:]:
+            if not (isinstance(item, torch.Tensor) and isinstance(first, torch.Tensor)):
+                return False
+            if item.shape != first.shape or not torch.equal(item, first):
+                return False
     return True
 
 
