@@ -104,11 +104,11 @@ def time_adapter(folder: Path, inputs: list[dict[str, torch.Tensor]], batch: int
     from vllm_terratorch.config import load_config
     from vllm_terratorch.factory import build_network
     from vllm_terratorch.forward import ForwardPlan, task_output
-    from vllm_terratorch.weights import load_checkpoint, match_state_dict
+    from vllm_terratorch.weights import load_folder_weights
 
     config = load_config(folder).pretrained_cfg
     network = build_network(config.model)
-    network.load_state_dict(match_state_dict(load_checkpoint(folder), network.state_dict()), strict=False)
+    load_folder_weights(network, folder)
     network = network.to(device=device, dtype=dtype)
     plan = ForwardPlan.for_network(config.input, network)
     stacked = {name: torch.stack([i[name] for i in inputs]) for name in plan.names}

@@ -46,14 +46,11 @@ def upernet_accepts_scale_modules() -> bool:
     return "scale_modules" in inspect.signature(UperNetDecoder.__init__).parameters
 
 
-def translate_init_args(init_args: dict[str, Any], *, scale_modules_supported: bool | None = None) -> dict[str, Any]:
-    """A copy of a task's `init_args` that the installed TerraTorch accepts.
-
-    `scale_modules_supported` overrides the check of the installed TerraTorch (for tests).
-    """
-    supported = upernet_accepts_scale_modules() if scale_modules_supported is None else scale_modules_supported
+def translate_init_args(init_args: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a task's `init_args` that the installed TerraTorch accepts (the same object
+    where nothing needs translating)."""
     model_args = init_args.get("model_args")
-    if supported or not isinstance(model_args, dict) or SCALE_MODULES_ARG not in model_args:
+    if upernet_accepts_scale_modules() or not isinstance(model_args, dict) or SCALE_MODULES_ARG not in model_args:
         return init_args
     args = copy.deepcopy(init_args)
     model_args = args["model_args"]

@@ -41,7 +41,7 @@ from vllm_terratorch.factory import build_network
 from vllm_terratorch.forward import ForwardPlan, split_by_shape, task_output
 from vllm_terratorch.hub import resolve_model_dir
 from vllm_terratorch.inputs import validate_request_inputs
-from vllm_terratorch.weights import load_checkpoint, match_state_dict
+from vllm_terratorch.weights import load_folder_weights
 
 MODALITY = "image"
 
@@ -348,11 +348,7 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         # `model.` prefixes; we read the model folder ourselves (all formats, strict check) and
         # never consume `weights`, so vLLM reads no file twice.
         folder = resolve_model_dir(self.model_reference, self.revision, self.download_dir)
-        expected = self.network.state_dict()
-        state = match_state_dict(
-            load_checkpoint(folder), expected, strict=envs.strict_weights(), source=str(folder)
-        )
-        self.network.load_state_dict(state, strict=False)
+        loaded = load_folder_weights(self.network, folder, strict=envs.strict_weights())
         self.network.to(dtype=self.dtype)
-        logger.info("vllm-terratorch: loaded %d tensors from %s", len(state), folder)
+        logger.info("vllm-terratorch: loaded %d tensors from %s", loaded, folder)
         return {f"network.{name}" for name, _ in self.network.named_parameters()}

@@ -21,7 +21,7 @@ from vllm_terratorch.errors import ConfigError, InputError, WeightsError
 from vllm_terratorch.factory import build_network
 from vllm_terratorch.forward import ForwardPlan, task_output
 from vllm_terratorch.hub import resolve_model_dir
-from vllm_terratorch.weights import find_weight_files, match_state_dict, read_state_dict
+from vllm_terratorch.weights import find_weight_files, load_folder_weights
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -142,15 +142,10 @@ def validate_model(
     folder = resolve_model_dir(reference, revision)
     pretrained = load_config(folder).pretrained_cfg
     network = build_network(pretrained.model)
-    files = find_weight_files(folder)
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        state.update(read_state_dict(path))
     strict = envs.strict_weights()
-    matched = match_state_dict(state, network.state_dict(), strict=strict, source=str(folder))
-    network.load_state_dict(matched, strict=False)
+    loaded = load_folder_weights(network, folder, strict=strict)
     summary = summarize(str(folder), pretrained, network, dtype)
-    summary.weight_files = [path.name for path in files]
-    summary.tensors_loaded = len(matched)
+    summary.weight_files = [path.name for path in find_weight_files(folder)]
+    summary.tensors_loaded = loaded
     summary.strict = strict
     return summary

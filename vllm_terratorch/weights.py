@@ -1,8 +1,9 @@
 """Checkpoint files -> a state dict that matches the network built from the config.
 
 Handles Lightning checkpoints (`.ckpt`/`.pt` with `state_dict` and `model.` prefixes), plain
-state dicts and `.safetensors`; keys of older TerraTorch layouts are mapped (`legacy`). Loading is strict by default: a checkpoint that does not fit the
-config is an error naming the keys, never a silently half-random model.
+state dicts and `.safetensors`; keys of older TerraTorch layouts are mapped (`legacy`). Loading
+is strict by default: a checkpoint that does not fit the config is an error naming the keys,
+never a silently half-random model.
 """
 
 from __future__ import annotations
@@ -220,3 +221,11 @@ def match_state_dict(
             + "\nCheck that config.json comes from the same TerraTorch config as the checkpoint."
         )
     return result
+
+
+def load_folder_weights(network: torch.nn.Module, folder: Path, *, strict: bool = True) -> int:
+    """Load a model folder's checkpoint into `network` (matched and checked as above); returns
+    the number of tensors loaded."""
+    state = match_state_dict(load_checkpoint(folder), network.state_dict(), strict=strict, source=str(folder))
+    network.load_state_dict(state, strict=False)
+    return len(state)

@@ -13,7 +13,7 @@ from vllm_terratorch import legacy
 from vllm_terratorch.config import load_config
 from vllm_terratorch.factory import build_network
 from vllm_terratorch.forward import ForwardPlan, task_output
-from vllm_terratorch.weights import load_checkpoint, match_state_dict
+from vllm_terratorch.weights import load_folder_weights, match_state_dict
 
 MISSION_ARGS = {
     "model_args": {
@@ -25,6 +25,17 @@ MISSION_ARGS = {
     },
     "loss": "ce",
 }
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    """Pretend the installed TerraTorch does (True, 1.2.10) or does not (False, 1.2.13) still
+    build UperNet's scale_modules."""
+
+    def pretend(accepts_scale_modules: bool) -> None:
+        monkeypatch.setattr(legacy, "upernet_accepts_scale_modules", lambda: accepts_scale_modules)
+
+    return pretend
 
 
 @pytest.fixture
@@ -40,9 +51,10 @@ def our_log(caplog):
     ours.setLevel(level)
 
 
-def test_scale_modules_become_the_pyramidal_neck_where_removed(our_log):
+def test_scale_modules_become_the_pyramidal_neck_where_removed(our_log, installed):
+    installed(False)
     original = copy.deepcopy(MISSION_ARGS)
-    translated = legacy.translate_init_args(MISSION_ARGS, scale_modules_supported=False)
+    translated = legacy.translate_init_args(MISSION_ARGS)
     assert MISSION_ARGS == original, "the caller's config must not change"
     model_args = translated["model_args"]
     assert "decoder_scale_modules" not in model_args
@@ -51,22 +63,26 @@ def test_scale_modules_become_the_pyramidal_neck_where_removed(our_log):
     assert "decoder_scale_modules=True" in our_log.text and "LearnedInterpolateToPyramidal" in our_log.text
 
 
-def test_scale_modules_false_is_dropped_and_no_neck_added():
+def test_scale_modules_false_is_dropped_and_no_neck_added(installed):
+    installed(False)
     args = {"model_args": {"decoder": "UperNetDecoder", "decoder_scale_modules": False, "necks": [{"name": "ReshapeTokensToImage"}]}}
-    translated = legacy.translate_init_args(args, scale_modules_supported=False)
+    translated = legacy.translate_init_args(args)
     assert translated["model_args"] == {"decoder": "UperNetDecoder", "necks": [{"name": "ReshapeTokensToImage"}]}
 
 
-def test_a_config_without_necks_gets_one():
-    translated = legacy.translate_init_args({"model_args": {"decoder_scale_modules": True}}, scale_modules_supported=False)
+def test_a_config_without_necks_gets_one(installed):
+    installed(False)
+    translated = legacy.translate_init_args({"model_args": {"decoder_scale_modules": True}})
     assert translated["model_args"]["necks"] == [{"name": "LearnedInterpolateToPyramidal"}]
 
 
 @pytest.mark.parametrize("args", [MISSION_ARGS, {"model_args": {"decoder": "FCNDecoder"}}, {"loss": "ce"}])
-def test_nothing_changes_where_the_argument_still_exists_or_is_absent(args):
-    assert legacy.translate_init_args(args, scale_modules_supported=True) is args
+def test_nothing_changes_where_the_argument_still_exists_or_is_absent(args, installed):
+    installed(True)
+    assert legacy.translate_init_args(args) is args
     if "decoder_scale_modules" not in args.get("model_args", {}):
-        assert legacy.translate_init_args(args, scale_modules_supported=False) is args
+        installed(False)
+        assert legacy.translate_init_args(args) is args
 
 
 def test_old_checkpoint_keys_move_to_the_last_pyramidal_neck(our_log):
@@ -108,19 +124,18 @@ def test_prefixed_old_keys_find_the_neck_under_the_same_prefix():
 
 
 @pytest.fixture(params=["installed TerraTorch", "translation forced"])
-def terratorch_mode(request, monkeypatch):
+def terratorch_mode(request, installed):
     """Serve the fixture as the installed TerraTorch allows, and also through the translation
     (on 1.2.10 this proves the translated network computes what the old argument did)."""
     if request.param == "translation forced":
-        monkeypatch.setattr(legacy, "upernet_accepts_scale_modules", lambda: False)
+        installed(False)
     return request.param
 
 
 def test_old_layout_checkpoint_reproduces_terratorch_1_2_10_outputs(terratorch_mode):
     config = load_config(FIXTURE / "model")
     network = build_network(config.pretrained_cfg.model).eval()
-    state = match_state_dict(load_checkpoint(FIXTURE / "model"), network.state_dict(), strict=True)
-    network.load_state_dict(state, strict=True)
+    assert load_folder_weights(network, FIXTURE / "model") == len(network.state_dict())
     translated = not legacy.upernet_accepts_scale_modules()
     assert translated == any(type(m).__name__ == "LearnedInterpolateToPyramidal" for m in network.modules())
     plan = ForwardPlan.for_network(config.pretrained_cfg.input, network)
@@ -139,7 +154,7 @@ def test_weights_saved_in_the_new_layout_serve_where_the_old_argument_is_built(m
         pytest.skip("needs a TerraTorch that still builds decoder_scale_modules (1.2.10, the primary stack)")
     config = load_config(FIXTURE / "model")
     old = build_network(config.pretrained_cfg.model).eval()
-    old.load_state_dict(match_state_dict(load_checkpoint(FIXTURE / "model"), old.state_dict()))
+    load_folder_weights(old, FIXTURE / "model")
     with monkeypatch.context() as patch:
         patch.setattr(legacy, "upernet_accepts_scale_modules", lambda: False)
         new = build_network(config.pretrained_cfg.model).eval()
