@@ -133,15 +133,18 @@ def flops_per_image(cfg: dict[str, Any], inputs: list[dict[str, torch.Tensor]], 
     return float(counter.get_total_flops())
 
 
-def time_engine(folder: Path, inputs: list[dict[str, torch.Tensor]], batch: int, dtype: str, repeats: int, in_tree: bool) -> tuple[list[float], list[torch.Tensor]]:
+def time_engine(folder: Path, inputs: list[dict[str, torch.Tensor]], batch: int, dtype: str, repeats: int, path: str) -> tuple[list[float], list[torch.Tensor]]:
+    """`LLM.encode` through our backend (`ours`), our backend with the opt-in compiled forward
+    (`compiled`), or vLLM's own class (`intree`)."""
     from vllm import LLM
     from vllm.model_executor.models.registry import ModelRegistry, _LazyRegisteredModel
 
     saved_entry = ModelRegistry.models["Terratorch"]
-    saved_plugins = os.environ.get("VLLM_PLUGINS")
-    if in_tree:
+    saved_env = {name: os.environ.get(name) for name in ("VLLM_PLUGINS", "VLLM_TERRATORCH_COMPILE")}
+    if path == "intree":
         ModelRegistry.models["Terratorch"] = _LazyRegisteredModel("vllm.model_executor.models.terratorch", "Terratorch")
         os.environ["VLLM_PLUGINS"] = "none"  # engine processes load neither our plugin nor terratorch_fix
+    os.environ["VLLM_TERRATORCH_COMPILE"] = "1" if path == "compiled" else "0"
     try:
         llm = LLM(
             model=str(folder), model_impl="terratorch", skip_tokenizer_init=True, enforce_eager=True,
@@ -149,10 +152,11 @@ def time_engine(folder: Path, inputs: list[dict[str, torch.Tensor]], batch: int,
         )
     finally:
         ModelRegistry.models["Terratorch"] = saved_entry
-        if saved_plugins is None:
-            os.environ.pop("VLLM_PLUGINS", None)
-        else:
-            os.environ["VLLM_PLUGINS"] = saved_plugins
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     prompts = [{"prompt_token_ids": [1], "multi_modal_data": {"image": dict(i)}} for i in inputs]
     try:
         seconds, outputs = timed(lambda: [o.outputs.data for o in llm.encode(prompts, pooling_task="plugin", use_tqdm=False)], repeats)
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="raw batch size = engine max_num_seqs")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--paths", default="raw,ours,intree", help="comma-separated subset of raw,adapter,ours,intree")
+    parser.add_argument("--paths", default="raw,ours,intree", help="comma-separated subset of raw,adapter,ours,compiled,intree")
     parser.add_argument("--flops", action="store_true", help="measure FLOPs per image and report achieved TFLOP/s")
     parser.add_argument(
         "--raw-threads", type=int, default=None,
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     torch.set_num_threads(default_threads)
             else:
-                seconds, outputs[path] = time_engine(folder, inputs, args.batch_size, args.dtype, args.repeats, in_tree=path == "intree")
+                seconds, outputs[path] = time_engine(folder, inputs, args.batch_size, args.dtype, args.repeats, path)
         except Exception as error:  # noqa: BLE001 - a path that cannot run is reported, not fatal
             results["paths"][path] = {"error": f"{type(error).__name__}: {error}"[:2000]}
             continue

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from vllm_terratorch.errors import ConfigError
+
 
 def _flag(name: str, default: bool) -> bool:
     value = os.environ.get(name)
@@ -29,4 +31,27 @@ def io_config_json() -> str:
     """
     return os.environ.get("VLLM_TERRATORCH_IO_CONFIG") or os.environ.get(
         "TERRATORCH_SEGMENTATION_IO_PROCESSOR_CONFIG", "{}"
+    )
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode() -> str | None:
+    """VLLM_TERRATORCH_COMPILE (default off): serve through a `torch.compile`d forward.
+
+    `1`/`on` means torch.compile's `default` mode; a mode name (`reduce-overhead` and
+    `max-autotune` add CUDA graphs on a GPU) picks that mode; `0`/`off`/unset serves eagerly. The
+    network is compiled at start-up for each batch-size bucket up to `max_num_seqs`, which makes
+    start-up slower (see compiled.py for what it buys and when).
+    """
+    value = (os.environ.get("VLLM_TERRATORCH_COMPILE") or "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return None
+    if value in ("1", "true", "yes", "on"):
+        return "default"
+    if value in COMPILE_MODES:
+        return value
+    raise ConfigError(
+        f"VLLM_TERRATORCH_COMPILE={value!r} is not a compile setting; use 0/off, 1/on, or one of {', '.join(COMPILE_MODES)}"
     )

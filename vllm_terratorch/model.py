@@ -35,6 +35,7 @@ from vllm.sequence import IntermediateTensors
 
 from vllm_terratorch import envs
 from vllm_terratorch.compat import gpu_sync_allowed, logger, mm_hashes, skip_encoder_profiling
+from vllm_terratorch.compiled import CompiledForward
 from vllm_terratorch.config import InputSpec, PretrainedCfg, pretrained_cfg_of
 from vllm_terratorch.dummy import dummy_inputs
 from vllm_terratorch.factory import build_network
@@ -260,6 +261,8 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         self.plan = ForwardPlan.for_network(self.pretrained_cfg.input, self.network)
         self.pooler = CroppingPooler()
         skip_encoder_profiling(vllm_config)
+        mode = envs.compile_mode()
+        self.compiled = CompiledForward(self.network, mode, vllm_config.scheduler_config.max_num_seqs) if mode else None
         self._output_shape: tuple[int, ...] | None = None  # of the last successful forward
         logger.info(
             "vllm-terratorch: serving %s (%s) in %s as %s (%d torch threads)",
@@ -326,7 +329,10 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         image is too small for a Prithvi + UperNet) or hit a runtime error.
         """
         try:
-            result = task_output(self.network(*args, **kwargs))
+            if self.compiled is not None and self.compiled.accepts(args, kwargs, count):
+                result = self.compiled(args, kwargs, count)
+            else:
+                result = task_output(self.network(*args, **kwargs))
         except Exception as error:  # noqa: BLE001 - any failure must stay with these requests
             if self._output_shape is None:
                 raise
@@ -340,6 +346,29 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         self._output_shape = tuple(result.shape[1:])
         return result
 
+    def _compile(self) -> None:
+        """Compile every batch bucket now that the weights are in place (freezing captures them).
+
+        A network that cannot be compiled is still served, eagerly: the opt-in is about speed,
+        and the log says why it did not apply.
+        """
+        assert self.compiled is not None
+        with torch.inference_mode():  # the tensors vLLM passes at serving time are inference tensors too
+            one = dummy_inputs(self.pretrained_cfg.input, self.dtype, self._device())
+
+        def make_batch(size: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            return self.plan.batch({name: t.expand(size, *t.shape).contiguous() for name, t in one.items()}, self.dtype, self._device())
+
+        try:
+            with gpu_sync_allowed():
+                self.compiled.warm_up(make_batch)
+        except Exception as error:  # noqa: BLE001 - compilation is an optimisation; eager always works
+            logger.warning(
+                "vllm-terratorch: VLLM_TERRATORCH_COMPILE=%s could not compile %s (%s: %s); serving eagerly",
+                self.compiled.mode, type(self.network).__name__, type(error).__name__, str(error).splitlines()[0] if str(error) else "",
+            )
+            self.compiled = None
+
     def _device(self) -> torch.device:
         return next(self.network.parameters()).device
 
@@ -351,4 +380,6 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         loaded = load_folder_weights(self.network, folder, strict=envs.strict_weights())
         self.network.to(dtype=self.dtype)
         logger.info("vllm-terratorch: loaded %d tensors from %s", loaded, folder)
+        if self.compiled is not None:
+            self._compile()
         return {f"network.{name}" for name, _ in self.network.named_parameters()}
