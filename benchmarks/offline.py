@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     image_size = args.image_size or MODELS[args.model]["image_size"]
-    folder = args.work_dir / f"{args.model}-{image_size}"
+    # One folder per TerraTorch version: a folder written by another version may use the other
+    # checkpoint layout (decoder_scale_modules), which ours maps and the in-tree model does not.
+    folder = args.work_dir / f"{args.model}-{image_size}-terratorch{version('terratorch')}"
     cfg = build_folder(args.model, image_size, folder)
     inputs = make_inputs(cfg, args.num_images)
     device = "cuda" if torch.cuda.is_available() else "cpu"

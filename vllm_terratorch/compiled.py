@@ -68,6 +68,16 @@ def signature(tree: Any) -> Signature:
     )
 
 
+def _inference_tensors(tree: Any) -> Any:
+    """Every tensor of `tree` as an inference tensor (copied only where it is not one).
+
+    Compiled graphs are guarded on the tensors' dispatch keys: vLLM hands over batches built
+    outside inference mode, while padded batches and the warm-up's are made inside it. Without
+    this, one bucket would compile twice, the second time on a live request (seconds to minutes).
+    """
+    return pytree.tree_map(lambda leaf: leaf.clone() if isinstance(leaf, torch.Tensor) and not leaf.is_inference() else leaf, tree)
+
+
 def _reset_cudagraph_step() -> None:
     mark = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
     if mark is not None:
@@ -105,7 +115,7 @@ class CompiledForward:
         started = time.perf_counter()
         with torch.inference_mode():
             for size in self.buckets:
-                args, kwargs = make_batch(size)
+                args, kwargs = _inference_tensors(make_batch(size))
                 self._signature = signature((args, kwargs))
                 self._call(args, kwargs)
         logger.info(
@@ -126,8 +136,9 @@ class CompiledForward:
         size = bucket_for(count, self.buckets)
         if size is None:
             raise ValueError(f"{count} requests exceed the largest compiled batch ({self.buckets[-1]}); check accepts() first")
-        padded_args, padded_kwargs = pad_batch((args, kwargs), count, size)
-        rows = task_output(self._call(padded_args, padded_kwargs))[:count]
+        with torch.inference_mode():
+            padded_args, padded_kwargs = _inference_tensors(pad_batch((args, kwargs), count, size))
+            rows = task_output(self._call(padded_args, padded_kwargs))[:count]
         self.batches_run += 1
         # A replayed CUDA graph writes its next output into this same buffer.
         return rows.clone() if self.cudagraphs else rows

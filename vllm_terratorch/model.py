@@ -353,8 +353,7 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         and the log says why it did not apply.
         """
         assert self.compiled is not None
-        with torch.inference_mode():  # the tensors vLLM passes at serving time are inference tensors too
-            one = dummy_inputs(self.pretrained_cfg.input, self.dtype, self._device())
+        one = dummy_inputs(self.pretrained_cfg.input, self.dtype, self._device())
 
         def make_batch(size: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
             return self.plan.batch({name: t.expand(size, *t.shape).contiguous() for name, t in one.items()}, self.dtype, self._device())

@@ -88,6 +88,29 @@ def test_every_request_gets_its_own_eager_output(compiled):
     assert forward.batches_run == before + 4
 
 
+class OwnCacheNet(SmallNet):
+    """Its own forward code object, so dynamo's compile cache starts empty for this test alone."""
+
+    def forward(self, x: torch.Tensor, location_coords: torch.Tensor) -> dict[str, torch.Tensor]:
+        return super().forward(x, location_coords)
+
+
+def test_no_recompilation_whatever_the_tensors_are_made_in():
+    # vLLM builds batches outside inference mode; padded batches and the warm-up's are made inside
+    # it. Both must hit the graphs compiled at warm-up (a recompile on a live request takes seconds).
+    from torch._dynamo.utils import counters
+
+    forward = CompiledForward(OwnCacheNet().eval(), "default", max_batch=4)
+    forward.warm_up(lambda size: ((torch.randn(size, 3, 8, 8),), {"location_coords": torch.randn(size, 2)}))
+    graphs = counters["stats"]["unique_graphs"]
+    for count in (4, 3, 1):
+        x, coords = torch.randn(count, 3, 8, 8), torch.randn(count, 2)
+        forward((x,), {"location_coords": coords}, count)
+        with torch.inference_mode():
+            forward((x.clone(),), {"location_coords": coords.clone()}, count)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_other_shapes_and_larger_batches_are_not_accepted(compiled):
     _, forward = compiled
     coords = {"location_coords": torch.zeros(1, 2)}
