@@ -6,6 +6,14 @@ One process, the same inputs and weights for every path, warm-up excluded, sever
     python benchmarks/offline.py --model tiny                       # CPU smoke (seconds)
     python benchmarks/offline.py --model prithvi300 --image-size 512 --dtype bfloat16 --batch-size 8
 
+Paths: `raw` (the network alone), `adapter` (our model path without vLLM: runs where vLLM is not
+installed), `ours` (`LLM.encode` through our backend), `intree` (vLLM's own class), and the opt-in
+compiled forward, `adapter-compiled` (no vLLM) and `compiled` (engine). A compiled path takes a
+torch.compile mode after `=`, e.g. `--paths raw,adapter,adapter-compiled=reduce-overhead`
+(CUDA graphs on a GPU); without one it uses `--compile-mode`.
+
+    python benchmarks/offline.py --model tiny --paths raw,adapter,adapter-compiled=default,adapter-compiled=reduce-overhead --profile
+
 The in-tree path uses the same folder with vLLM's own `Terratorch` class (our plugin disabled in
 the engine processes). All images share one `location_coords`, so the in-tree model's batching bug
 (request 0's coordinates for the whole batch) does not change its outputs here.
@@ -32,6 +40,7 @@ MODELS: dict[str, dict[str, Any]] = {
     "tiny": {"backbone": "prithvi_eo_v2_tiny_tl", "indices": [1, 3, 5, 11], "decoder_channels": 16, "image_size": 64},
     "prithvi300": {"backbone": "prithvi_eo_v2_300_tl", "indices": [5, 11, 17, 23], "decoder_channels": 256, "image_size": 512},
 }
+PATHS = ("raw", "adapter", "ours", "intree", "compiled", "adapter-compiled")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -56,15 +65,21 @@ def make_inputs(cfg: dict[str, Any], count: int) -> list[dict[str, torch.Tensor]
     return [{"pixel_values": torch.randn(shape, generator=generator), "location_coords": coords} for _ in range(count)]
 
 
-def timed(run: Callable[[], list[torch.Tensor]], repeats: int) -> tuple[list[float], list[torch.Tensor]]:
-    """One warm-up call (its outputs are returned for the comparison), then `repeats` timed calls."""
+Timing = tuple[list[float], list[torch.Tensor], float]
+
+
+def timed(run: Callable[[], list[torch.Tensor]], repeats: int) -> Timing:
+    """One warm-up call (its outputs and duration are returned: the comparison, and the compile
+    time of the compiled paths), then `repeats` timed calls."""
+    started = time.perf_counter()
     outputs = run()
+    first_pass = time.perf_counter() - started
     seconds = []
     for _ in range(repeats):
         started = time.perf_counter()
         run()
         seconds.append(time.perf_counter() - started)
-    return seconds, outputs
+    return seconds, outputs, first_pass
 
 
 def batched(forward: Callable[[int, int], torch.Tensor], count: int, batch: int, device: str) -> Callable[[], list[torch.Tensor]]:
@@ -82,8 +97,8 @@ def batched(forward: Callable[[int, int], torch.Tensor], count: int, batch: int,
     return run
 
 
-def time_raw(cfg: dict[str, Any], inputs: list[dict[str, torch.Tensor]], batch: int, dtype: torch.dtype, device: str, repeats: int) -> tuple[list[float], list[torch.Tensor]]:
-    """The network alone, called the way TerraTorch's own inference does."""
+def raw_forward(cfg: dict[str, Any], inputs: list[dict[str, torch.Tensor]], dtype: torch.dtype, device: str) -> Callable[[int, int], torch.Tensor]:
+    """The network alone, called the way TerraTorch's own inference does: `forward(start, stop)`."""
     from vllm_terratorch.samples import build_sample_task
 
     network = build_sample_task(cfg).model.to(device=device, dtype=dtype).eval()
@@ -93,15 +108,24 @@ def time_raw(cfg: dict[str, Any], inputs: list[dict[str, torch.Tensor]], batch: 
     def forward(start: int, stop: int) -> torch.Tensor:
         return network(pixels[start:stop], location_coords=coords[start:stop]).output
 
-    return timed(batched(forward, len(inputs), batch, device), repeats)
+    return forward
 
 
-def time_adapter(folder: Path, inputs: list[dict[str, torch.Tensor]], batch: int, dtype: torch.dtype, device: str, repeats: int) -> tuple[list[float], list[torch.Tensor]]:
-    """Our model path without vLLM: config -> offline build -> checkpoint -> ForwardPlan batches.
+def time_raw(cfg: dict[str, Any], inputs: list[dict[str, torch.Tensor]], batch: int, dtype: torch.dtype, device: str, repeats: int) -> Timing:
+    return timed(batched(raw_forward(cfg, inputs, dtype, device), len(inputs), batch, device), repeats)
+
+
+def time_adapter(
+    folder: Path, inputs: list[dict[str, torch.Tensor]], batch: int, dtype: torch.dtype, device: str, repeats: int, compile_mode: str | None = None,
+) -> Timing:
+    """Our model path without vLLM: config -> offline build -> checkpoint -> ForwardPlan batches,
+    eager or (`compile_mode`) through the served model's `CompiledForward`.
 
     Runs where vLLM is not installed (the GPU machines' image) and shows what our adapter adds
-    on top of the network itself.
+    on top of the network itself. The compiled variant compiles lazily in the warm-up pass, for
+    the one batch size timed here (the served model compiles every bucket at start-up).
     """
+    from vllm_terratorch.compiled import CompiledForward
     from vllm_terratorch.config import load_config
     from vllm_terratorch.factory import build_network
     from vllm_terratorch.forward import ForwardPlan, task_output
@@ -113,9 +137,12 @@ def time_adapter(folder: Path, inputs: list[dict[str, torch.Tensor]], batch: int
     network = network.to(device=device, dtype=dtype)
     plan = ForwardPlan.for_network(config.input, network)
     stacked = {name: torch.stack([i[name] for i in inputs]) for name in plan.names}
+    compiled = CompiledForward(network, compile_mode, batch) if compile_mode else None
 
     def forward(start: int, stop: int) -> torch.Tensor:
         args, kwargs = plan.batch({k: v[start:stop] for k, v in stacked.items()}, dtype, device)
+        if compiled is not None:
+            return compiled(args, kwargs, stop - start)
         return task_output(network(*args, **kwargs))
 
     return timed(batched(forward, len(inputs), batch, device), repeats)
@@ -134,7 +161,39 @@ def flops_per_image(cfg: dict[str, Any], inputs: list[dict[str, torch.Tensor]], 
     return float(counter.get_total_flops())
 
 
-def time_engine(folder: Path, inputs: list[dict[str, torch.Tensor]], batch: int, dtype: str, repeats: int, path: str) -> tuple[list[float], list[torch.Tensor]]:
+def profile_forward(
+    forward: Callable[[int, int], torch.Tensor], batch: int, device: str, top: int = 15,
+) -> list[dict[str, Any]]:
+    """The operators (CPU) or kernels (GPU) where one warm batch's time goes, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch.inference_mode():
+        forward(0, batch)  # warm (cuDNN / oneDNN algorithm choice)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        with profile(activities=activities) as profiler:
+            forward(0, batch)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+    on_gpu = device.startswith("cuda")
+
+    def own_time(event: Any) -> float:  # microseconds spent in the event itself
+        if on_gpu:
+            return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0))
+        return float(event.self_cpu_time_total)
+
+    events = sorted(profiler.key_averages(), key=own_time, reverse=True)
+    total = sum(own_time(event) for event in events) or 1.0
+    return [
+        {"name": event.key[:120], "calls": event.count, "ms": own_time(event) / 1e3, "share": own_time(event) / total}
+        for event in events[:top]
+    ]
+
+
+def time_engine(
+    folder: Path, inputs: list[dict[str, torch.Tensor]], batch: int, dtype: str, repeats: int, path: str, compile_mode: str | None = None,
+) -> Timing:
     """`LLM.encode` through our backend (`ours`), our backend with the opt-in compiled forward
     (`compiled`), or vLLM's own class (`intree`)."""
     from vllm import LLM
@@ -145,7 +204,7 @@ def time_engine(folder: Path, inputs: list[dict[str, torch.Tensor]], batch: int,
     if path == "intree":
         ModelRegistry.models["Terratorch"] = _LazyRegisteredModel("vllm.model_executor.models.terratorch", "Terratorch")
         os.environ["VLLM_PLUGINS"] = "none"  # engine processes load neither our plugin nor terratorch_fix
-    os.environ["VLLM_TERRATORCH_COMPILE"] = "1" if path == "compiled" else "0"
+    os.environ["VLLM_TERRATORCH_COMPILE"] = compile_mode or "0"
     try:
         llm = LLM(
             model=str(folder), model_impl="terratorch", skip_tokenizer_init=True, enforce_eager=True,
@@ -160,12 +219,11 @@ def time_engine(folder: Path, inputs: list[dict[str, torch.Tensor]], batch: int,
                 os.environ[name] = value
     prompts = [{"prompt_token_ids": [1], "multi_modal_data": {"image": dict(i)}} for i in inputs]
     try:
-        seconds, outputs = timed(lambda: [o.outputs.data for o in llm.encode(prompts, pooling_task="plugin", use_tqdm=False)], repeats)
+        return timed(lambda: [o.outputs.data for o in llm.encode(prompts, pooling_task="plugin", use_tqdm=False)], repeats)
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
-    return seconds, outputs
 
 
 def max_diff(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
@@ -180,7 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="raw batch size = engine max_num_seqs")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--paths", default="raw,ours,intree", help="comma-separated subset of raw,adapter,ours,compiled,intree")
+    parser.add_argument(
+        "--paths", default="raw,ours,intree",
+        help="comma-separated subset of raw,adapter,ours,intree,compiled[=MODE],adapter-compiled[=MODE]",
+    )
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode of a compiled path named without one")
+    parser.add_argument("--profile", action="store_true", help="profile one batch of the raw path: where its time goes")
     parser.add_argument("--flops", action="store_true", help="measure FLOPs per image and report achieved TFLOP/s")
     parser.add_argument(
         "--raw-threads", type=int, default=None,
@@ -202,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     raw_threads = args.raw_threads or (max(1, (os.cpu_count() or 2) - 1) if device == "cpu" else torch.get_num_threads())
     paths = [p for p in args.paths.split(",") if p]
+    unknown = [p for p in paths if p.partition("=")[0] not in PATHS]
+    if unknown:
+        parser.error(f"unknown path(s) {unknown}; choose from {', '.join(PATHS)} (compiled paths may add =MODE)")
     results: dict[str, Any] = {
         "title": f"{args.model} {image_size}px {args.dtype}, batch {args.batch_size}, {args.num_images} images",
         "model": args.model, "image_size": image_size, "dtype": args.dtype, "batch_size": args.batch_size,
@@ -211,25 +277,44 @@ def main(argv: list[str] | None = None) -> int:
     }
     outputs: dict[str, list[torch.Tensor]] = {}
     for path in tqdm(paths, desc="paths", unit="path"):
+        name, _, mode = path.partition("=")
+        compile_mode = (mode or args.compile_mode) if name.endswith("compiled") else None
         try:
-            if path in ("raw", "adapter"):
+            if name in ("raw", "adapter", "adapter-compiled"):
                 default_threads = torch.get_num_threads()
                 torch.set_num_threads(raw_threads)
                 try:
-                    timer = time_raw if path == "raw" else time_adapter
-                    source = cfg if path == "raw" else folder
-                    seconds, outputs[path] = timer(source, inputs, args.batch_size, DTYPES[args.dtype], device, args.repeats)  # type: ignore[operator]
+                    if name == "raw":
+                        seconds, outputs[path], first_pass = time_raw(cfg, inputs, args.batch_size, DTYPES[args.dtype], device, args.repeats)
+                    else:
+                        seconds, outputs[path], first_pass = time_adapter(
+                            folder, inputs, args.batch_size, DTYPES[args.dtype], device, args.repeats, compile_mode
+                        )
                 finally:
                     torch.set_num_threads(default_threads)
             else:
-                seconds, outputs[path] = time_engine(folder, inputs, args.batch_size, args.dtype, args.repeats, path)
+                seconds, outputs[path], first_pass = time_engine(
+                    folder, inputs, args.batch_size, args.dtype, args.repeats, name, compile_mode
+                )
         except Exception as error:  # noqa: BLE001 - a path that cannot run is reported, not fatal
             results["paths"][path] = {"error": f"{type(error).__name__}: {error}"[:2000]}
             continue
         results["paths"][path] = {
             "seconds": summary(seconds),
             "images_per_s": summary([args.num_images / s for s in seconds]),
+            # The untimed warm-up pass: for adapter-compiled this includes compiling its batch size.
+            "first_pass_s": first_pass,
+            **({"compile_mode": compile_mode} if compile_mode else {}),
         }
+    if args.profile:
+        default_threads = torch.get_num_threads()
+        torch.set_num_threads(raw_threads)
+        try:
+            results["profile_raw"] = profile_forward(raw_forward(cfg, inputs, DTYPES[args.dtype], device), args.batch_size, device)
+        finally:
+            torch.set_num_threads(default_threads)
+        for row in results["profile_raw"]:
+            print(f"{row['share']:6.1%} {row['ms']:9.3f} ms {row['calls']:5d}x  {row['name']}")
     if args.flops:
         flops = flops_per_image(cfg, inputs, device)
         results["flops_per_image"] = flops
@@ -248,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path, png_path = write_results(results, args.output, stem)
     for path, entry in results["paths"].items():
         rate = entry.get("images_per_s", {}).get("median")
-        print(f"{path:>7}: " + (f"{rate:8.1f} images/s" if rate else entry.get("error", "")[:200]))
+        print(f"{path:>7}: " + (f"{rate:8.1f} images/s (first pass {entry['first_pass_s']:.1f} s)" if rate else entry.get("error", "")[:200]))
     print(f"ratios vs raw: {results.get('ratios_vs_raw')}\nwrote {json_path} and {png_path}")
     return 0
 
