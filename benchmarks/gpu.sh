@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements of benchmarks/README.md, as run on a lent H100/H200 machine (offline, image
 # with Python 3.12 + torch 2.11.0+cu130 and no vLLM/TerraTorch). TerraTorch 1.2.10 and the
-# dependencies the image lacks travel as one archive of their installed files, `.gpu/site312.tar.xz`
+# dependencies the image lacks travel as one archive of their installed files, `.gpu/site312.tar.xz`,
+# built by `bash benchmarks/gpu_pack.sh`
 # (`pip install --no-deps --target` of py3.12 wheels, then `tar | xz -9`: 77 MB of wheels become
 # 48 MiB, under the 64 MiB a call may carry). Usage there: `bash benchmarks/gpu.sh OUTDIR`.
 # Each run is bounded so that one slow compile cannot take the others' results with it.

@@ -253,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("benchmarks/.models"))
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    paths = [p for p in args.paths.split(",") if p]
+    unknown = [p for p in paths if p.partition("=")[0] not in PATHS]
+    if unknown:
+        parser.error(f"unknown path(s) {unknown}; choose from {', '.join(PATHS)} (compiled paths may add =MODE)")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from tqdm import tqdm
 
@@ -264,10 +268,6 @@ def main(argv: list[str] | None = None) -> int:
     inputs = make_inputs(cfg, args.num_images)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     raw_threads = args.raw_threads or (max(1, (os.cpu_count() or 2) - 1) if device == "cpu" else torch.get_num_threads())
-    paths = [p for p in args.paths.split(",") if p]
-    unknown = [p for p in paths if p.partition("=")[0] not in PATHS]
-    if unknown:
-        parser.error(f"unknown path(s) {unknown}; choose from {', '.join(PATHS)} (compiled paths may add =MODE)")
     results: dict[str, Any] = {
         "title": f"{args.model} {image_size}px {args.dtype}, batch {args.batch_size}, {args.num_images} images",
         "model": args.model, "image_size": image_size, "dtype": args.dtype, "batch_size": args.batch_size,

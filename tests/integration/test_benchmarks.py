@@ -51,3 +51,30 @@ def test_online_smoke(tmp_path):
         assert level["errors"] == 0 and level["requests"] == 4 and level["requests_per_s"] > 0
         assert {"p50", "p95", "p99"} <= set(level["latency_s"])
         assert set(level["server_split_s"]) == {"decode_s", "engine_s", "encode_s"}
+
+
+def test_offline_adapter_and_compiled_paths(tmp_path):
+    """The paths that need no vLLM engine (what runs on the GPU image), a compile mode named per
+    path, and the profile of the raw forward."""
+    run("offline.py", "--model", "tiny", "--num-images", "8", "--batch-size", "4", "--repeats", "1",
+        "--paths", "raw,adapter,adapter-compiled=default", "--profile",
+        "--work-dir", str(tmp_path / "models"), "--output", str(tmp_path))
+    results = json.loads((tmp_path / "offline-tiny-64-float32-b4.json").read_text())
+    assert set(results["paths"]) == {"raw", "adapter", "adapter-compiled=default"}
+    for name, entry in results["paths"].items():
+        assert "error" not in entry, (name, entry)
+        assert entry["first_pass_s"] > 0 and entry["images_per_s"]["n"] == 1
+    assert results["paths"]["adapter-compiled=default"]["compile_mode"] == "default"
+    assert results["paths"]["adapter"]["max_abs_diff_vs_raw"] == 0.0
+    assert results["paths"]["adapter-compiled=default"]["max_abs_diff_vs_raw"] <= 1e-4
+    rows = results["profile_raw"]
+    assert rows and all({"name", "calls", "ms", "share"} <= set(row) for row in rows)
+    assert abs(sum(row["share"] for row in rows)) <= 1.0 + 1e-9
+
+
+def test_offline_rejects_unknown_path(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "offline.py"), "--paths", "raw,fast", "--work-dir", str(tmp_path), "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2 and "unknown path(s) ['fast']" in result.stderr
