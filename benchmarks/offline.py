@@ -183,7 +183,12 @@ def profile_forward(
             return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0))
         return float(event.self_cpu_time_total)
 
-    events = sorted(profiler.key_averages(), key=own_time, reverse=True)
+    events = list(profiler.key_averages())
+    if on_gpu:  # kernels only: an operator's device time is its kernels' time, counted once
+        from torch.autograd import DeviceType
+
+        events = [event for event in events if getattr(event, "device_type", None) == DeviceType.CUDA] or events
+    events.sort(key=own_time, reverse=True)
     total = sum(own_time(event) for event in events) or 1.0
     return [
         {"name": event.key[:120], "calls": event.count, "ms": own_time(event) / 1e3, "share": own_time(event) / total}
