@@ -26,7 +26,8 @@ import gc
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,17 @@ def batched(forward: Callable[[int, int], torch.Tensor], count: int, batch: int,
         return outputs
 
     return run
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the in-process paths with `count` torch threads (what vLLM's CPU worker gets)."""
+    default = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(default)
 
 
 def raw_forward(cfg: dict[str, Any], inputs: list[dict[str, torch.Tensor]], dtype: torch.dtype, device: str) -> Callable[[int, int], torch.Tensor]:
@@ -167,16 +179,16 @@ def profile_forward(
     """The operators (CPU) or kernels (GPU) where one warm batch's time goes, largest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    on_gpu = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with torch.inference_mode():
         forward(0, batch)  # warm (cuDNN / oneDNN algorithm choice)
-        if device.startswith("cuda"):
+        if on_gpu:
             torch.cuda.synchronize()
         with profile(activities=activities) as profiler:
             forward(0, batch)
-            if device.startswith("cuda"):
+            if on_gpu:
                 torch.cuda.synchronize()
-    on_gpu = device.startswith("cuda")
 
     def own_time(event: Any) -> float:  # microseconds spent in the event itself
         if on_gpu:
@@ -210,6 +222,8 @@ def time_engine(
         ModelRegistry.models["Terratorch"] = _LazyRegisteredModel("vllm.model_executor.models.terratorch", "Terratorch")
         os.environ["VLLM_PLUGINS"] = "none"  # engine processes load neither our plugin nor terratorch_fix
     os.environ["VLLM_TERRATORCH_COMPILE"] = compile_mode or "0"
+    # Only these entries are put back (not patch.dict): what vLLM itself sets in the environment
+    # and registers while the engine starts stays, as it would in a user's process.
     try:
         llm = LLM(
             model=str(folder), model_impl="terratorch", skip_tokenizer_init=True, enforce_eager=True,
@@ -285,18 +299,14 @@ def main(argv: list[str] | None = None) -> int:
         name, _, mode = path.partition("=")
         compile_mode = (mode or args.compile_mode) if name.endswith("compiled") else None
         try:
-            if name in ("raw", "adapter", "adapter-compiled"):
-                default_threads = torch.get_num_threads()
-                torch.set_num_threads(raw_threads)
-                try:
-                    if name == "raw":
-                        seconds, outputs[path], first_pass = time_raw(cfg, inputs, args.batch_size, DTYPES[args.dtype], device, args.repeats)
-                    else:
-                        seconds, outputs[path], first_pass = time_adapter(
-                            folder, inputs, args.batch_size, DTYPES[args.dtype], device, args.repeats, compile_mode
-                        )
-                finally:
-                    torch.set_num_threads(default_threads)
+            if name == "raw":
+                with torch_threads(raw_threads):
+                    seconds, outputs[path], first_pass = time_raw(cfg, inputs, args.batch_size, DTYPES[args.dtype], device, args.repeats)
+            elif name in ("adapter", "adapter-compiled"):
+                with torch_threads(raw_threads):
+                    seconds, outputs[path], first_pass = time_adapter(
+                        folder, inputs, args.batch_size, DTYPES[args.dtype], device, args.repeats, compile_mode
+                    )
             else:
                 seconds, outputs[path], first_pass = time_engine(
                     folder, inputs, args.batch_size, args.dtype, args.repeats, name, compile_mode
@@ -312,12 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             **({"compile_mode": compile_mode} if compile_mode else {}),
         }
     if args.profile:
-        default_threads = torch.get_num_threads()
-        torch.set_num_threads(raw_threads)
-        try:
+        with torch_threads(raw_threads):
             results["profile_raw"] = profile_forward(raw_forward(cfg, inputs, DTYPES[args.dtype], device), args.batch_size, device)
-        finally:
-            torch.set_num_threads(default_threads)
         for row in results["profile_raw"]:
             print(f"{row['share']:6.1%} {row['ms']:9.3f} ms {row['calls']:5d}x  {row['name']}")
     if args.flops:
