@@ -21,6 +21,7 @@ def register() -> None:
         attach_to_vllm_logging,
         claim_architecture,
         claim_io_processors,
+        float32_on_cpu_by_default,
         logger,
     )
 
@@ -28,6 +29,7 @@ def register() -> None:
     if claim_architecture():
         logger.info("vllm-terratorch: architecture %s is served by %s", ARCHITECTURE, MODEL_CLASS)
     claim_io_processors(IO_PROCESSORS)
+    float32_on_cpu_by_default()
 
 
 # `vllm.io_processor_plugins` entry points: each returns the qualified name of its processor class.

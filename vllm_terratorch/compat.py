@@ -7,7 +7,9 @@ never version strings compared, so releases in between take whichever path they 
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -94,6 +96,92 @@ def claim_io_processors(processors: dict[str, str]) -> None:
 
     setattr(guarded, _GUARD_MARK, True)
     io_processors.load_plugins_by_group = guarded  # type: ignore[assignment]
+
+
+def float32_on_cpu_by_default() -> None:
+    """With no `--dtype`, serve a Terratorch model on CPU in float32, not vLLM's float16.
+
+    vLLM resolves `dtype="auto"` for a float32 (or undeclared) pooling model to float16 on every
+    platform that lists it. On CPU, TerraTorch networks run several times slower in float16, and
+    one step of the mission's 300M model at 512x512 then outlasts vLLM's execute-model timeout,
+    which kills the engine. We wrap the resolver that `ModelConfig` calls so that, on CPU only,
+    for the `Terratorch` architecture only, "auto" with no `torch_dtype` in config.json (or a
+    float32 one) becomes float32; an explicit `--dtype`, a float16/bfloat16 config and every other
+    model and platform pass through unchanged. (vLLM 0.26 and 0.32: module-level
+    `vllm.config.model._get_and_verify_dtype(model_id, config, dtype, **kwargs)`, looked up at call
+    time by `ModelConfig.__post_init__`, which runs after general plugins are loaded.)
+    """
+    import torch
+    from vllm.config import model as model_config
+
+    current = getattr(model_config, "_get_and_verify_dtype", None)
+    if current is None or getattr(current, _GUARD_MARK, False):
+        return
+
+    @functools.wraps(current)
+    def resolved(model_id: str, config: Any, dtype: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(dtype, str) and dtype.lower() == "auto" and ARCHITECTURE in (getattr(config, "architectures", None) or []):
+            from vllm.platforms import current_platform
+
+            declared = config.__dict__.get("dtype", config.__dict__.get("torch_dtype"))
+            if current_platform.is_cpu() and declared in (None, "float32", torch.float32):
+                logger.info(
+                    "vllm-terratorch: serving %s in float32 on CPU (vLLM's default would be float16, several "
+                    "times slower here); pass --dtype float16 or bfloat16 to override",
+                    model_id,
+                )
+                dtype = "float32"
+        return current(model_id, config, dtype, *args, **kwargs)
+
+    setattr(resolved, _GUARD_MARK, True)
+    model_config._get_and_verify_dtype = resolved
+
+
+class _PrecomputedRequests:
+    """A vLLM pooling IO processor whose online request factory has already run (elsewhere)."""
+
+    def __init__(self, inner: Any, requests: Any) -> None:
+        self._inner = inner
+        self._requests = requests
+
+    def get_request_factory_online(self, ctx: Any) -> Any:
+        return self._requests
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def preprocess_off_the_event_loop() -> None:
+    """Run our IO processors' `pre_process` in their own worker pool, not on the server's event loop.
+
+    vLLM 0.32 builds an online plugin request (`get_request_factory_online`, which calls
+    `IOProcessor.pre_process`) synchronously inside the coroutine `PoolingBaseServing._preprocessing`,
+    so a download or a decode there stalls every client and `/health`; `pre_process_async` is never
+    called. We wrap that coroutine: when the request's plugin is one of ours (it has an
+    `io_executor`), the factory runs in that executor and vLLM's own coroutine continues with the
+    result; every other processor takes vLLM's path unchanged. vLLM 0.26 already runs
+    `_preprocessing` (a plain function) in a thread pool: nothing to do there. Called when one of
+    our processors is created, in the API server process, where the serving class is imported.
+    """
+    try:
+        from vllm.entrypoints.pooling.base.serving import PoolingBaseServing
+    except ImportError:  # no such serving layer: nothing to wrap
+        return
+    current = getattr(PoolingBaseServing, "_preprocessing", None)
+    if current is None or getattr(current, _GUARD_MARK, False) or not inspect.iscoroutinefunction(current):
+        return
+
+    @functools.wraps(current)
+    async def preprocessing(self: Any, io_processor: Any, ctx: Any) -> Any:
+        executor = getattr(getattr(io_processor, "io_processor", None), "io_executor", None)
+        if executor is None:
+            return await current(self, io_processor, ctx)
+        loop = asyncio.get_running_loop()
+        requests = await loop.run_in_executor(executor, io_processor.get_request_factory_online, ctx)
+        return await current(self, _PrecomputedRequests(io_processor, requests), ctx)
+
+    setattr(preprocessing, _GUARD_MARK, True)
+    PoolingBaseServing._preprocessing = preprocessing  # type: ignore[method-assign]
 
 
 def skip_encoder_profiling(vllm_config: Any) -> None:

@@ -38,3 +38,7 @@ class RequestError(TerratorchError, ValueError):
 
 class SourceNotAllowedError(RequestError):
     """A request names a local path or URL outside what the server was allowed to read."""
+
+
+class OutputPathError(RequestError):
+    """A request's `out_path` names a place the server may not or cannot write a new file."""

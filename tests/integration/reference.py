@@ -12,15 +12,23 @@ import torch
 
 def normalised_scene(path, means: list[float], stds: list[float], scale: float = 0.0001) -> tuple[torch.Tensor, torch.Tensor]:
     """A GeoTIFF as the datamodule feeds it to the model (scaled, standardised per band, batch of
-    one) and its centre's (lon, lat), as `location_coords`."""
+    one) and its `location_coords` as TerraTorch's own datasets compute them (`[[lat, lon]]`)."""
     import rasterio
 
     with rasterio.open(path) as source:
         pixels = source.read().astype(np.float32) * scale
-        lon, lat = source.lnglat()
     mean = np.array(means, dtype=np.float32)[:, None, None]
     std = np.array(stds, dtype=np.float32)[:, None, None]
-    return torch.from_numpy((pixels - mean) / std)[None], torch.tensor([[lon, lat]])
+    return torch.from_numpy((pixels - mean) / std)[None], terratorch_location_coords(path)[None]
+
+
+def terratorch_location_coords(path) -> torch.Tensor:
+    """TerraTorch's dataset code on the file: `FireScarsNonGeo._get_coords` (the centre pixel reprojected
+    to EPSG:4326, `[lat, lon]`), which does not use the dataset instance."""
+    import rioxarray
+    from terratorch.datasets.fire_scars import FireScarsNonGeo
+
+    return FireScarsNonGeo._get_coords(None, rioxarray.open_rasterio(path, masked=True))
 
 
 def ramp(crop: int, stride: int) -> np.ndarray:

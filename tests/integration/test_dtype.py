@@ -26,3 +26,43 @@ def test_bfloat16_engine_matches_bfloat16_forward(llm):
         assert (out.float() - ref.float()).abs().max() <= 0.1 * full.abs().max()
         # ...and far closer to the float32 result than an unrelated output would be.
         assert (out.float() - full).abs().mean() <= 0.05 * full.abs().mean() + 1e-3
+
+
+@pytest.mark.parametrize(
+    ("dtype", "torch_dtype", "expected"),
+    [
+        ("auto", None, torch.float32),  # the mission's `vllm serve` line: no --dtype, no torch_dtype
+        ("auto", "float32", torch.float32),
+        ("auto", "bfloat16", torch.bfloat16),  # a config that asks for bf16 keeps it
+        ("float16", None, torch.float16),  # an explicit --dtype always wins
+        ("bfloat16", "float32", torch.bfloat16),
+    ],
+)
+def test_cpu_default_dtype_is_float32(tmp_path, dtype, torch_dtype, expected):
+    """vLLM alone resolves "auto" to float16 here; a Terratorch model on CPU gets float32 instead."""
+    import json
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_terratorch.samples import write_model_folder
+
+    folder = write_model_folder(tmp_path / "model", CFG)
+    if torch_dtype is not None:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": torch_dtype}))
+    args = EngineArgs(model=str(folder), model_impl="terratorch", skip_tokenizer_init=True, dtype=dtype)
+    assert args.create_model_config().dtype == expected
+
+
+def test_other_architectures_keep_vllms_choice(tmp_path):
+    """The shim touches only `Terratorch`: vLLM's own resolver still downcasts other float32 models."""
+    from transformers import PretrainedConfig
+    from vllm.config import model as model_config
+
+    import vllm_terratorch
+
+    vllm_terratorch.register()
+    other = PretrainedConfig(architectures=["BertModel"], model_type="bert")
+    assert model_config._get_and_verify_dtype("x", other, "auto", is_pooling_model=True) != torch.float32
+    ours = PretrainedConfig(architectures=["Terratorch"], model_type="")
+    assert model_config._get_and_verify_dtype("x", ours, "auto", is_pooling_model=True) == torch.float32

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,6 +26,7 @@ from vllm_terratorch.samples import sample_pretrained_cfg, write_model_folder, w
 pytestmark = pytest.mark.integration
 MAX_PIXELS = 300 * 300
 MAX_BYTES = 3_000_000
+MAX_RASTER_BYTES = MAX_PIXELS * 6 * 4  # six float32 bands of the largest allowed image
 
 
 class Media(http.server.SimpleHTTPRequestHandler):
@@ -37,6 +39,17 @@ class Media(http.server.SimpleHTTPRequestHandler):
             self.end_headers()
             for _ in range(MAX_BYTES // 65536 + 2):
                 self.wfile.write(b"\0" * 65536)
+        elif self.path == "/trickle":  # 2 bytes/s for a minute, as long as the client listens
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            try:
+                for _ in range(120):
+                    self.wfile.write(b"II")
+                    self.wfile.flush()
+                    time.sleep(0.5)
+            except OSError:
+                pass
         elif self.path.startswith("/redirect/"):
             self.send_response(302)
             self.send_header("Location", "http://localhost:%d/tile.tif" % self.server.server_address[1])
@@ -80,6 +93,18 @@ def site(tmp_path_factory):
     (media / "truncated.tif").write_bytes(tiff[: len(tiff) // 3])
     (media / "taken.tif").write_bytes(b"")
     (outputs / "taken.tif").write_bytes(b"do not overwrite")
+    # Header bombs: tiny files that declare far more pixels than they hold.
+    bomb = {"driver": "GTiff", "width": 64, "height": 64, "crs": "EPSG:32629", "compress": "deflate",
+            "transform": rasterio.transform.from_origin(725000.0, 4375000.0, 30.0, 30.0)}
+    with rasterio.open(media / "bands5000.tif", "w", count=5000, dtype="uint8", **bomb) as target:
+        target.write(np.zeros((5000, 64, 64), dtype=np.uint8))
+    with rasterio.open(media / "float64.tif", "w", count=6, dtype="float64", **{**bomb, "width": 300, "height": 300}) as target:
+        target.write(np.zeros((6, 300, 300)))
+    # Links inside the output folder that lead outside it, at every level.
+    (outputs / "a").mkdir()
+    os.symlink(private, outputs / "escape")
+    os.symlink(private, outputs / "a" / "escape")
+    os.symlink(private / "planted.tif", outputs / "a" / "dangling.tif")
     return root
 
 
@@ -98,7 +123,10 @@ def web(site):
 
 @pytest.fixture(scope="module")
 def server(site):
-    settings = {"output_path": str(site / "outputs"), "max_pixels": MAX_PIXELS, "max_bytes": MAX_BYTES, "url_timeout_s": 2}
+    settings = {
+        "output_path": str(site / "outputs"), "max_pixels": MAX_PIXELS, "max_bytes": MAX_BYTES, "url_timeout_s": 2,
+        "max_raster_bytes": MAX_RASTER_BYTES,
+    }
     args = [*DOCUMENTED, "--allowed-local-media-path", str(site / "media"), "--allowed-media-domains", "127.0.0.1"]
     server = Server(site / "model", args, site / "server.log", {"VLLM_TERRATORCH_IO_CONFIG": json.dumps(settings)})
     try:
@@ -126,7 +154,6 @@ CASES = [
     ("format-unknown", lambda s, w: request("tile.tif", fmt="s3"), "data.data_format"),
     ("out-format-unknown", lambda s, w: request("tile.tif", out="png"), "data.out_data_format"),
     ("image-format-unknown", lambda s, w: request("tile.tif", image_format="jpeg"), "data.image_format"),
-    ("extra-field", lambda s, w: request("tile.tif", colour="red"), "data.colour"),
     ("indices-negative", lambda s, w: request("tile.tif", indices=[-1, 0, 1, 2, 3, 4]), "indices"),
     ("indices-empty", lambda s, w: request("tile.tif", indices=[]), "indices"),
     ("indices-out-of-range", lambda s, w: request("tile.tif", indices=[0, 1, 2, 3, 4, 9]), "has 6 bands"),
@@ -157,8 +184,21 @@ CASES = [
     ("url-too-large", lambda s, w: request(f"{w['base']}/huge", fmt="url"), "limit"),
     ("url-404", lambda s, w: request(f"{w['base']}/missing.tif", fmt="url"), "HTTP 404"),
     ("url-refused", lambda s, w: request("http://127.0.0.1:1/tile.tif", fmt="url"), "cannot download"),
-    ("out-path-absolute", lambda s, w: request("tile.tif", out="path", out_path="/tmp/evil.tif"), "relative file name"),
-    ("out-path-dotdot", lambda s, w: request("tile.tif", out="path", out_path="../evil.tif"), "relative file name"),
+    ("out-path-absolute", lambda s, w: request("tile.tif", out="path", out_path="/tmp/evil.tif"), "outside the server's output folders"),
+    ("out-path-absolute-missing", lambda s, w: request("tile.tif", out="path", out_path="/nonexistent/path/that/does/not/exist"), "outside"),
+    ("out-path-private-dir", lambda s, w: request("tile.tif", out="path", out_path=str(s / "private")), "outside"),
+    ("out-path-dotdot", lambda s, w: request("tile.tif", out="path", out_path="../evil.tif"), "without '..'"),
+    ("out-path-link-first", lambda s, w: request("tile.tif", out="path", out_path="escape/evil.tif"), "outside"),
+    ("out-path-link-middle", lambda s, w: request("tile.tif", out="path", out_path="a/escape/deeper/evil.tif"), "outside"),
+    ("out-path-link-last", lambda s, w: request("tile.tif", out="path", out_path="a/escape"), "outside"),
+    ("out-path-link-dangling", lambda s, w: request("tile.tif", out="path", out_path="a/dangling.tif"), "outside"),
+    ("out-path-below-file", lambda s, w: request("tile.tif", out="path", out_path="taken.tif/x.tif"), "is a file"),
+    ("out-path-too-long", lambda s, w: request("tile.tif", out="path", out_path="x" * 300 + ".tif"), "longer than"),
+    ("out-path-nul", lambda s, w: request("tile.tif", out="path", out_path="x\0.tif"), "not a usable path"),
+    ("header-bomb-bands", lambda s, w: request("bands5000.tif"), "5000 bands"),
+    ("header-bomb-bands-indices", lambda s, w: request("bands5000.tif", indices=[0, 1, 2, 3, 4, 5]), "declares 5000 bands"),
+    ("header-bomb-dtype", lambda s, w: request("float64.tif"), f"limit is {MAX_RASTER_BYTES} bytes"),
+    ("url-trickle", lambda s, w: request(f"{w['base']}/trickle", fmt="url"), "took longer than 2 s"),
     ("out-path-existing", lambda s, w: request("tile.tif", out="path", out_path="taken.tif"), "already exists"),
     ("out-path-with-b64", lambda s, w: request("tile.tif", out="b64_json", out_path="x.tif"), "only used with"),
 ]
@@ -271,3 +311,56 @@ def test_failures_under_load_fail_only_their_own_requests(server):
         else:
             assert response.status_code == 400, response.text
     assert requests.get(f"{server.url}/health", timeout=5).status_code == 200
+
+
+def test_upstream_payload_fields_are_accepted(server):
+    """TerraTorch's tests send image_format "", vLLM's examples "tiff" and a top-level priority;
+    fields we do not read are ignored, as upstream's processors ignore them."""
+    expected = mask_of(good(server))
+    for extra in ({"image_format": ""}, {"image_format": "tiff"}, {"image_format": "GeoTIFF"}, {"colour": "red"}):
+        response = server.pooling(request("tile.tif", **extra))
+        assert response.status_code == 200, (extra, response.text)
+        assert np.array_equal(mask_of(response), expected)
+    payload = {"data": request("tile.tif", image_format="tiff"), "model": server.model, "priority": 0, "softmax": False}
+    response = requests.post(f"{server.url}/pooling", json=payload, timeout=120)
+    assert response.status_code == 200, response.text
+
+
+def test_no_link_or_bad_out_path_wrote_anything_outside(server, site):
+    for case in ("escape/evil.tif", "a/escape/deeper/evil.tif", "a/escape", "a/dangling.tif"):
+        assert server.pooling(request("tile.tif", out="path", out_path=case)).status_code == 400
+    assert sorted(p.name for p in (site / "private").iterdir()) == ["secret.tif"]
+    assert (site / "outputs" / "taken.tif").read_bytes() == b"do not overwrite"
+    assert not list((site / "outputs").rglob(".partial-*"))
+
+
+def test_header_bombs_are_refused_before_decoding(server):
+    """5000 declared bands: refused from the header, so the server's memory does not move."""
+    pid = server.process.pid
+    good(server)
+    _, rss_before = _process_stats(pid)
+    for _ in range(5):
+        response = server.pooling(request("bands5000.tif", indices=[0, 1, 2, 3, 4, 5]))
+        assert response.status_code == 400 and "declares 5000 bands" in response.text
+    _, rss_after = _process_stats(pid)
+    assert rss_after - rss_before < 50_000, (rss_before, rss_after)  # kB; one decode would take 20 MB
+    good(server)
+
+
+def test_a_trickling_download_stalls_nobody(server, web):
+    """While two clients' inputs trickle in at 2 bytes/s, /health and 20 other requests are answered;
+    the trickling ones are refused at the server's url_timeout_s (2 s), not when the sender stops."""
+    expected = mask_of(good(server))
+    with ThreadPoolExecutor(24) as pool:
+        started = time.monotonic()
+        slow = [pool.submit(server.pooling, request(f"{web['base']}/trickle", fmt="url")) for _ in range(2)]
+        time.sleep(0.3)
+        assert requests.get(f"{server.url}/health", timeout=3).status_code == 200
+        others = list(pool.map(lambda _: server.pooling(request("tile.tif"), timeout=60), range(20)))
+        for response in others:
+            assert response.status_code == 200, response.text
+            assert np.array_equal(mask_of(response), expected)
+        for future in slow:
+            response = future.result()
+            assert response.status_code == 400 and "took longer than 2 s" in response.text, response.text
+        assert time.monotonic() - started < 30  # the sender would go on for 60 s

@@ -11,18 +11,23 @@ import numpy as np
 from vllm_terratorch.io.geotiff import Raster
 
 
-def centre_lon_lat(raster: Raster) -> tuple[float, float] | None:
-    """(longitude, latitude) of the image centre in EPSG:4326, or None without a CRS."""
+def centre_lat_lon(raster: Raster) -> tuple[float, float] | None:
+    """(latitude, longitude) in EPSG:4326 of the centre pixel, or None without a CRS.
+
+    As TerraTorch's datasets feed Prithvi's location embedding (column 0 = latitude):
+    `_get_coords` takes pixel (H // 2, W // 2) and returns `[lat, lon]`. (TerraTorch's vLLM plugin
+    and Prithvi's demo pass `src.lnglat()`, i.e. swapped; we follow the training data.)
+    """
     if raster.crs is None:
         return None
     from rasterio.warp import transform
 
-    x, y = raster.transform @ (raster.width / 2, raster.height / 2)
+    x, y = raster.transform @ (raster.width // 2 + 0.5, raster.height // 2 + 0.5)
     lons, lats = transform(raster.crs, "EPSG:4326", [x], [y])
     lon, lat = float(lons[0]), float(lats[0])
     if not (np.isfinite(lon) and np.isfinite(lat)):
         return None
-    return lon, lat
+    return lat, lon
 
 
 # 2024-10-26, 2024_10_26, 20241026 (also as in Sentinel-2 names: 20241026T105031).
@@ -48,5 +53,6 @@ def acquisition_date(tags: Mapping[str, str], name: str | None) -> date | None:
 
 
 def year_and_day(when: date) -> tuple[int, int]:
-    """(year, day of year): the temporal coordinate layout of Prithvi-EO-2.0 TL models."""
-    return when.year, when.timetuple().tm_yday
+    """(year, day of year - 1), as TerraTorch's datasets build `temporal_coords` for Prithvi-EO-2.0 TL
+    models (`[date.year, date.dayofyear - 1]`: 1 January is day 0)."""
+    return when.year, when.timetuple().tm_yday - 1

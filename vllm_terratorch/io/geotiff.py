@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,8 +30,56 @@ class Raster:
         return int(self.array.shape[2])
 
 
-def read_geotiff(data: bytes, max_pixels: int) -> Raster:
-    """Decode a GeoTIFF; size is checked from the header before any pixel is decoded."""
+@dataclass(frozen=True)
+class RasterHeader:
+    """What a GeoTIFF declares before any pixel is decoded."""
+
+    bands: int
+    height: int
+    width: int
+    dtypes: tuple[str, ...]
+    block_shapes: tuple[tuple[int, int], ...]
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Memory the decoded pixels take: height x width x bands x bytes per sample."""
+        return self.height * self.width * sum(np.dtype(dtype).itemsize for dtype in self.dtypes)
+
+
+@dataclass(frozen=True)
+class RasterLimits:
+    """How large a decoded input may be (the server's `max_pixels`, `max_raster_bytes`)."""
+
+    max_pixels: int
+    max_bytes: int
+
+    def check(self, header: RasterHeader) -> None:
+        if header.width < 1 or header.height < 1 or header.bands < 1:
+            raise RequestError(f"the GeoTIFF is empty ({header.bands} bands, {header.width}x{header.height})")
+        if header.width * header.height > self.max_pixels:
+            raise RequestError(
+                f"the GeoTIFF is {header.width}x{header.height} pixels; the server's limit is {self.max_pixels} pixels"
+            )
+        odd = sorted({dtype for dtype in header.dtypes if np.dtype(dtype).kind not in "iuf"})
+        if odd:
+            raise RequestError(f"the GeoTIFF's pixels are {', '.join(odd)}; expected integer or floating-point bands")
+        if header.decoded_bytes > self.max_bytes:
+            raise RequestError(
+                f"the GeoTIFF declares {header.bands} bands of {header.width}x{header.height} "
+                f"({header.decoded_bytes} bytes decoded); the server's limit is {self.max_bytes} bytes"
+            )
+        widest = max(np.dtype(dtype).itemsize for dtype in header.dtypes)
+        for rows, cols in set(header.block_shapes):
+            # A block is decoded whole (all bands when pixel-interleaved), however small the image.
+            if rows < 1 or cols < 1 or rows * cols * widest * header.bands > self.max_bytes:
+                raise RequestError(
+                    f"the GeoTIFF declares {rows}x{cols}-pixel blocks of {header.bands} bands; decoding one "
+                    f"would exceed the server's limit of {self.max_bytes} bytes"
+                )
+
+
+def read_geotiff(data: bytes, limits: RasterLimits, check: Callable[[RasterHeader], None] | None = None) -> Raster:
+    """Decode a GeoTIFF; `limits` and then `check` judge the header before any pixel is decoded."""
     import rasterio
     from rasterio.errors import RasterioError
 
@@ -40,12 +89,16 @@ def read_geotiff(data: bytes, max_pixels: int) -> Raster:
         with rasterio.MemoryFile(data) as memory, memory.open() as source:
             if source.driver != "GTiff":
                 raise RequestError(f"the input is a {source.driver} raster; expected a GeoTIFF")
-            if source.width < 1 or source.height < 1 or source.count < 1:
-                raise RequestError(f"the GeoTIFF is empty ({source.count} bands, {source.width}x{source.height})")
-            if source.width * source.height > max_pixels:
-                raise RequestError(
-                    f"the GeoTIFF is {source.width}x{source.height} pixels; the server's limit is {max_pixels} pixels"
-                )
+            header = RasterHeader(
+                bands=source.count,
+                height=source.height,
+                width=source.width,
+                dtypes=tuple(source.dtypes),
+                block_shapes=tuple(tuple(shape) for shape in source.block_shapes) if source.count else (),
+            )
+            limits.check(header)
+            if check is not None:
+                check(header)
             array = source.read()
             return Raster(array=array, crs=source.crs, transform=source.transform, nodata=source.nodata, tags=source.tags())
     except RasterioError as error:

@@ -75,6 +75,31 @@ class Preprocessing(BaseModel):
         return out
 
 
+    def for_file_bands(self, file_bands: int, model_bands: int) -> Preprocessing:
+        """The pipeline for a file of `file_bands` bands (a request without `indices`).
+
+        A file with the datamodule's file layout has its bands selected by name, as in training;
+        a file with exactly the model's band count is taken as already in model order (HLS and
+        many exported stacks carry just those bands); any other count cannot be placed.
+        """
+        expected = self.expected_file_bands
+        if expected is None or file_bands == expected:
+            return self
+        if file_bands == model_bands:
+            return self.model_copy(update={"band_indices": None, "expected_file_bands": None})
+        if self.file_band_names is not None and expected != model_bands:
+            layouts = (
+                f"{model_bands} bands (the model's input bands, in model order) or {expected} bands "
+                f"(the datamodule's dataset_bands {self.file_band_names}, selected by name)"
+            )
+        else:
+            layouts = f"{model_bands} bands (the model's input bands, in model order)"
+        raise InputError(
+            f"the GeoTIFF has {file_bands} bands; this model takes {layouts}. For another layout, send "
+            f"'indices': the 0-based file band for each of the model's {model_bands} bands, in model order"
+        )
+
+
 def check_band_count(preprocessing: Preprocessing, file_bands: int) -> None:
     """Refuse a file whose band count is not the layout the datamodule was configured for."""
     expected = preprocessing.expected_file_bands

@@ -6,26 +6,46 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from vllm_terratorch.compat import logger
 from vllm_terratorch.errors import RequestError
 
 DataFormat = Literal["url", "path", "b64_json"]
 OutDataFormat = Literal["path", "b64_json"]
 
 
-class GeoTiffRequest(BaseModel):
-    """`request["data"]`: one GeoTIFF in, one prediction out."""
+# What upstream clients send as `image_format` (vLLM's examples "tiff", TerraTorch's tests ""); the
+# field selects nothing (every input is read as a GeoTIFF), so only values naming TIFF are accepted.
+IMAGE_FORMATS = ("", "tiff", "tif", "geotiff", "geotif", "cog")
 
-    model_config = ConfigDict(extra="forbid")
+
+class GeoTiffRequest(BaseModel):
+    """`request["data"]`: one GeoTIFF in, one prediction out.
+
+    Fields we do not read are ignored (logged at debug level), as upstream's processors do, so
+    clients written for them keep working; every field we read is validated strictly.
+    """
+
+    model_config = ConfigDict(extra="ignore")
 
     data: str = Field(min_length=1)
     """The URL, the local path, or the base64-encoded GeoTIFF, as `data_format` says."""
     data_format: DataFormat
     out_data_format: OutDataFormat = "b64_json"
-    image_format: Literal["geoTiff"] = "geoTiff"
+    image_format: str = "geoTiff"
+    """Ignored beyond this check: any case of "", tiff, tif, geotiff (the input is always read as a GeoTIFF)."""
     indices: list[int] | None = None
     """Band indices (0-based) to take from the file, in model order; default: from the config."""
     out_path: str | None = None
-    """A file name (or relative sub-path) inside the server's output folder for `path` outputs."""
+    """For `path` outputs: a relative file name (or sub-path) inside the server's output folder, or an
+    existing directory (absolute, inside an allowed output root) that gets `<request_id>.tiff`."""
+
+    @field_validator("image_format")
+    @classmethod
+    def _tiff_only(cls, value: str) -> str:
+        if value.strip().lower() not in IMAGE_FORMATS:
+            accepted = ", ".join(repr(name) for name in IMAGE_FORMATS)
+            raise ValueError(f"{value!r} is not a TIFF format; inputs are read as GeoTIFF (accepted, in any case: {accepted})")
+        return value
 
     @field_validator("indices")
     @classmethod
@@ -63,6 +83,9 @@ def parse_request(data: Any) -> GeoTiffRequest:
         raise RequestError(
             f"request 'data' must be an object with data, data_format, out_data_format, image_format; got {type(data).__name__}"
         )
+    ignored = sorted(str(key) for key in data if key not in GeoTiffRequest.model_fields)
+    if ignored:
+        logger.debug("vllm-terratorch: request fields %s are not used by this IO processor; ignored", ignored)
     try:
         return GeoTiffRequest.model_validate(data)
     except ValidationError as error:

@@ -10,9 +10,12 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import socket
 import stat
+import threading
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from vllm_terratorch.errors import RequestError, SourceNotAllowedError
@@ -28,6 +31,7 @@ class SourcePolicy:
         self.settings = settings
         self.allowed_root = Path(os.path.realpath(allowed_local_path)) if allowed_local_path else None
         self.allowed_domains = {d.lower() for d in allowed_domains} if allowed_domains else None
+        self._download_slots = threading.BoundedSemaphore(settings.max_concurrent_downloads)
 
     def read(self, data: str, data_format: str) -> bytes:
         if data_format == "b64_json":
@@ -86,14 +90,33 @@ class SourcePolicy:
             )
 
     def download(self, url: str) -> bytes:
+        """GET `url` (redirects checked hop by hop) within the byte cap and one wall-clock deadline.
+
+        The deadline covers the whole download and is enforced inside every read: the socket's
+        timeout is set to the time left before each receive, and each read returns what has
+        arrived (a sender trickling bytes cannot keep a read waiting for a full chunk). At most
+        `max_concurrent_downloads` run at once; more wait for a free slot within the deadline.
+        """
+        settings = self.settings
+        deadline = time.monotonic() + settings.url_timeout_s
+        if not self._download_slots.acquire(timeout=settings.url_timeout_s):
+            raise RequestError(
+                f"the server is already downloading {settings.max_concurrent_downloads} inputs; retry later or "
+                "send the image as b64_json"
+            )
+        try:
+            return self._download(url, deadline)
+        finally:
+            self._download_slots.release()
+
+    def _download(self, url: str, deadline: float) -> bytes:
         import requests
 
         settings = self.settings
-        started = time.monotonic()
         for _ in range(settings.url_max_redirects + 1):
             self._check_url(url)
             try:
-                response = requests.get(url, stream=True, timeout=settings.url_timeout_s, allow_redirects=False)
+                response = requests.get(url, stream=True, timeout=_left(deadline, url, settings), allow_redirects=False)
             except requests.Timeout:
                 raise RequestError(f"downloading {url} timed out after {settings.url_timeout_s:g} s") from None
             except requests.RequestException as error:
@@ -107,15 +130,43 @@ class SourcePolicy:
                 declared = response.headers.get("content-length")
                 if declared and declared.isdigit() and int(declared) > settings.max_bytes:
                     raise RequestError(f"{url} is {declared} bytes; the server's limit is {settings.max_bytes}")
-                body = bytearray()
-                try:
-                    for chunk in response.iter_content(_CHUNK):
-                        body += chunk
-                        if time.monotonic() - started > settings.url_timeout_s:
-                            raise RequestError(f"downloading {url} took longer than {settings.url_timeout_s:g} s")
-                        if len(body) > settings.max_bytes:
-                            raise RequestError(f"{url} is larger than the server's limit of {settings.max_bytes} bytes")
-                except requests.RequestException as error:
-                    raise RequestError(f"downloading {url} failed: {type(error).__name__}") from None
-                return bytes(body)
+                return self._read_body(response, url, deadline)
         raise RequestError(f"{url}: more than {settings.url_max_redirects} redirects")
+
+    def _read_body(self, response: Any, url: str, deadline: float) -> bytes:
+        import requests
+        from urllib3.exceptions import HTTPError as Urllib3Error
+
+        settings = self.settings
+        raw = response.raw
+        sock = getattr(getattr(raw, "connection", None), "sock", None)
+        body = bytearray()
+        try:
+            while True:
+                left = _left(deadline, url, settings)
+                if sock is not None:
+                    sock.settimeout(left)
+                chunk = raw.read1(_CHUNK, decode_content=True)
+                if not chunk:
+                    return bytes(body)
+                body += chunk
+                if len(body) > settings.max_bytes:
+                    raise RequestError(f"{url} is larger than the server's limit of {settings.max_bytes} bytes")
+        except (TimeoutError, socket.timeout):
+            raise _too_slow(url, settings) from None
+        except (Urllib3Error, requests.RequestException, OSError) as error:
+            if time.monotonic() >= deadline:
+                raise _too_slow(url, settings) from None
+            raise RequestError(f"downloading {url} failed: {type(error).__name__}") from None
+
+
+def _too_slow(url: str, settings: IOSettings) -> RequestError:
+    return RequestError(f"downloading {url} took longer than {settings.url_timeout_s:g} s (the server's url_timeout_s)")
+
+
+def _left(deadline: float, url: str, settings: IOSettings) -> float:
+    """Seconds left before `deadline`; a `RequestError` once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _too_slow(url, settings)
+    return left
