@@ -14,20 +14,33 @@ from vllm_terratorch.io.geotiff import Raster
 def centre_lat_lon(raster: Raster) -> tuple[float, float] | None:
     """(latitude, longitude) in EPSG:4326 of the centre pixel, or None without a CRS.
 
-    As TerraTorch's datasets feed Prithvi's location embedding (column 0 = latitude):
-    `_get_coords` takes pixel (H // 2, W // 2) and returns `[lat, lon]`. (TerraTorch's vLLM plugin
-    and Prithvi's demo pass `src.lnglat()`, i.e. swapped; we follow the training data.)
+    Exactly what TerraTorch's datasets fed Prithvi's location embedding in training (column 0 =
+    latitude): `_get_coords` (fire_scars, multi_temporal_crop_classification) takes pixel
+    (H // 2, W // 2), reprojects that one-pixel raster to EPSG:4326 with rioxarray and reads the
+    first pixel centre of the new grid; we compute the same grid with rasterio (the transform
+    rioxarray's `reproject` derives, `calculate_default_transform` of the pixel's bounds). For a
+    file already in EPSG:4326 that is the pixel's own centre (sen1floods11's `_get_coords`).
+    TerraTorch's vLLM plugin and Prithvi's demo pass `src.lnglat()` instead, i.e. (lon, lat)
+    swapped; we follow the training data.
     """
     if raster.crs is None:
         return None
-    from rasterio.warp import transform
+    from rasterio.errors import RasterioError
+    from rasterio.warp import calculate_default_transform
 
-    x, y = raster.transform @ (raster.width // 2 + 0.5, raster.height // 2 + 0.5)
-    lons, lats = transform(raster.crs, "EPSG:4326", [x], [y])
-    lon, lat = float(lons[0]), float(lats[0])
+    column, row = raster.width // 2, raster.height // 2
+    left, top = raster.transform @ (column, row)
+    right, bottom = raster.transform @ (column + 1, row + 1)
+    try:
+        grid, _, _ = calculate_default_transform(
+            raster.crs, "EPSG:4326", 1, 1, left=min(left, right), bottom=min(top, bottom), right=max(left, right), top=max(top, bottom)
+        )
+    except (RasterioError, ValueError):
+        return None
+    lon, lat = grid @ (0.5, 0.5)
     if not (np.isfinite(lon) and np.isfinite(lat)):
         return None
-    return lat, lon
+    return float(lat), float(lon)
 
 
 # 2024-10-26, 2024_10_26, 20241026 (also as in Sentinel-2 names: 20241026T105031).
