@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, field_validator
 
 from vllm_terratorch.compat import logger
 from vllm_terratorch.errors import RequestError
@@ -63,6 +63,20 @@ class PredictionOutput(BaseModel):
     request_id: str | None = None
     timings: dict[str, float] | None = None
     """Seconds spent reading + decoding + tiling, in the engine (queue included), and stitching + encoding."""
+
+    # vLLM's example processor `prithvi_to_tiff` answers `{type, format, data}` (ImageRequestOutput);
+    # vLLM's tests and clients written for it read those names, so they are derived here too.
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def type(self) -> str:
+        """Same as `data_format`."""
+        return self.data_format
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def format(self) -> str:
+        """"tiff" for GeoTIFF results, "json" for JSON ones."""
+        return "json" if self.data_format == "json" else "tiff"
 
 
 def _describe(error: ValidationError) -> str:
