@@ -111,3 +111,43 @@ def test_acquisition_date(tags, name, expected):
 
     when = acquisition_date(tags, name)
     assert (year_and_day(when) if when else None) == expected
+
+
+def _declared(tmp_path, name, **profile):
+    """A small file that declares `profile` (zeros compress to almost nothing)."""
+    base = {"driver": "GTiff", "width": 64, "height": 64, "count": 1, "dtype": "uint8", "compress": "deflate"}
+    base.update(profile)
+    path = tmp_path / name
+    with rasterio.open(path, "w", **base) as target:
+        target.write(np.zeros((base["count"], base["height"], base["width"]), dtype=base["dtype"]))
+    return path.read_bytes()
+
+
+def test_header_limits_come_before_any_pixel_is_read(tmp_path, monkeypatch):
+    seen = []
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("pixels were decoded")
+
+    bands = _declared(tmp_path, "bands.tif", count=3000)
+    wide = _declared(tmp_path, "wide.tif", count=6, dtype="float64")
+    striped = _declared(tmp_path, "striped.tif", width=2000, height=64, blockysize=64)
+    monkeypatch.setattr(rasterio.io.DatasetReader, "read", no_decoding)
+    limits = RasterLimits(max_pixels=10**6, max_bytes=64 * 64 * 6 * 4)
+    with pytest.raises(RequestError, match=r"declares 3000 bands of 64x64 \(12288000 bytes decoded\).*limit is 98304 bytes"):
+        read_geotiff(bands, limits)
+    with pytest.raises(RequestError, match=r"declares 6 bands .*196608 bytes decoded"):
+        read_geotiff(wide, limits)
+    with pytest.raises(RequestError, match="limit is 1000 pixels"):
+        read_geotiff(striped, RasterLimits(max_pixels=1000, max_bytes=10**9))
+    big_tiles = _declared(tmp_path, "tiles.tif", tiled=True, blockxsize=2048, blockysize=2048)
+    with pytest.raises(RequestError, match=r"2048x2048-pixel blocks of 1 bands; decoding one would exceed"):
+        read_geotiff(big_tiles, RasterLimits(max_pixels=10**6, max_bytes=10**6))
+
+    def refuse(header):
+        seen.append(header)
+        raise RequestError("refused by the caller")
+
+    with pytest.raises(RequestError, match="refused by the caller"):
+        read_geotiff(_declared(tmp_path, "ok.tif"), limits, refuse)
+    assert (seen[0].bands, seen[0].height, seen[0].width, seen[0].dtypes) == (1, 64, 64, ("uint8",))

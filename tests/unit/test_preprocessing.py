@@ -238,3 +238,21 @@ def test_wrong_band_count_message():
     with pytest.raises(InputError, match=r"the GeoTIFF has 3 bands; the model expects 6"):
         check_band_count(identity, 3)
     check_band_count(Preprocessing(), 3)  # nothing known: anything goes
+
+
+def test_band_layout_by_file_band_count():
+    """Datamodule layout: selected by name; the model's band count: taken in model order; else refused."""
+    sen1floods11 = preprocessing_from_config({"class_path": "Sen1Floods11NonGeoDataModule", "init_args": {"bands": SIX}}, 6)
+    assert sen1floods11.for_file_bands(13, 6) is sen1floods11
+    in_model_order = sen1floods11.for_file_bands(6, 6)
+    assert in_model_order.band_indices is None and in_model_order.means == sen1floods11.means
+    image = np.arange(6 * 4, dtype=np.int16).reshape(6, 2, 2) * 100
+    thirteen = np.zeros((13, 2, 2), dtype=np.int16)
+    thirteen[sen1floods11.band_indices] = image
+    assert np.array_equal(in_model_order.apply(image), sen1floods11.apply(thirteen))  # same model input
+    with pytest.raises(InputError, match=r"has 4 bands; this model takes 6 bands .* or 13 bands .*'indices'"):
+        sen1floods11.for_file_bands(4, 6)
+    identity = preprocessing_from_config(None, 6)
+    assert identity.for_file_bands(6, 6) is identity
+    with pytest.raises(InputError, match=r"has 7 bands; this model takes 6 bands \(the model's input bands, in model order\)\. For"):
+        identity.for_file_bands(7, 6)
