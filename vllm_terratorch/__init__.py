@@ -23,6 +23,7 @@ def register() -> None:
         claim_io_processors,
         float32_on_cpu_by_default,
         logger,
+        steps_within_the_execute_timeout,
     )
 
     attach_to_vllm_logging()
@@ -30,6 +31,7 @@ def register() -> None:
         logger.info("vllm-terratorch: architecture %s is served by %s", ARCHITECTURE, MODEL_CLASS)
     claim_io_processors(IO_PROCESSORS)
     float32_on_cpu_by_default()
+    steps_within_the_execute_timeout()
 
 
 # `vllm.io_processor_plugins` entry points: each returns the qualified name of its processor class.

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -161,11 +162,13 @@ def preprocess_off_the_event_loop() -> None:
     `io_executor`), the factory runs in that executor and vLLM's own coroutine continues with the
     result; every other processor takes vLLM's path unchanged. vLLM 0.26 already runs
     `_preprocessing` (a plain function) in a thread pool: nothing to do there. Called when one of
-    our processors is created, in the API server process, where the serving class is imported.
+    our processors is created: in the API server the serving module is imported by then (its
+    serving object creates the processor); elsewhere (offline `LLM`, `predict`) there is no event
+    loop to protect and nothing is imported for it.
     """
-    try:
-        from vllm.entrypoints.pooling.base.serving import PoolingBaseServing
-    except ImportError:  # no such serving layer: nothing to wrap
+    serving = sys.modules.get("vllm.entrypoints.pooling.base.serving")
+    PoolingBaseServing = getattr(serving, "PoolingBaseServing", None)  # noqa: N806 - a class
+    if PoolingBaseServing is None:
         return
     current = getattr(PoolingBaseServing, "_preprocessing", None)
     if current is None or getattr(current, _GUARD_MARK, False) or not inspect.iscoroutinefunction(current):
@@ -182,6 +185,91 @@ def preprocess_off_the_event_loop() -> None:
 
     setattr(preprocessing, _GUARD_MARK, True)
     PoolingBaseServing._preprocessing = preprocessing  # type: ignore[method-assign]
+
+
+# A step may use this share of vLLM's execute-model timeout (the rest is margin: later steps can be
+# slower than the profiled one, e.g. larger inputs or a busier machine).
+STEP_TIME_SHARE = 0.5
+
+
+# Dummy requests timed at start-up where vLLM ran no forward of its own (CPU runners do not profile).
+MEASURED_BATCH = 4
+
+
+def _seconds_per_request(worker: Any, batch: int) -> float | None:
+    """Run in each worker (`collective_rpc`): our model's slowest forward per request, if it is ours."""
+    model = worker.model_runner.get_model()
+    measure = getattr(model, "measure_seconds_per_request", None)
+    return measure(batch) if measure is not None else None
+
+
+def steps_within_the_execute_timeout() -> None:
+    """Schedule at most as many requests per step as finish well inside vLLM's execute-model timeout.
+
+    vLLM waits `VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS` (300 s) for one step, then declares the engine
+    dead and the server stops for every client. A pooling step runs every scheduled request (for
+    us: every tile) in one forward, up to `--max-num-seqs` of them, so a heavy model on a CPU
+    outlasts the timeout under load or with one large scene. The engine core profiles the model
+    (a real forward of our network) before it builds its scheduler; we wrap that step
+    (`EngineCore._initialize_kv_caches`, vLLM 0.26 and 0.32), ask the workers how long our network
+    took per request, and lower `scheduler_config.max_num_seqs`, which the scheduler built right
+    after reads, so that a full step takes at most `STEP_TIME_SHARE` of the timeout (where vLLM ran
+    no forward while profiling, as on CPU, the model times a few dummy requests itself). Requests are
+    then spread over more steps; none fails. Applied in the engine-core process, where vLLM has
+    imported `vllm.v1.engine.core` before it loads plugins; other processes import nothing for it.
+    """
+    core = sys.modules.get("vllm.v1.engine.core")
+    EngineCore = getattr(core, "EngineCore", None)  # noqa: N806 - a class
+    current = getattr(EngineCore, "_initialize_kv_caches", None)
+    if current is None or getattr(current, _GUARD_MARK, False):
+        return
+
+    @functools.wraps(current)
+    def initialize_kv_caches(self: Any, vllm_config: Any) -> Any:
+        result = current(self, vllm_config)
+        if ARCHITECTURE in (getattr(vllm_config.model_config.hf_config, "architectures", None) or []):
+            try:
+                batch = min(MEASURED_BATCH, vllm_config.scheduler_config.max_num_seqs)
+                measured = [s for s in self.model_executor.collective_rpc(_seconds_per_request, args=(batch,)) if s]
+            except Exception as error:  # noqa: BLE001 - a missing measurement must not stop the engine
+                logger.warning("vllm-terratorch: could not read the profiled step time (%s); steps are not bounded", error)
+                return result
+            logger.debug("vllm-terratorch: profiled forward per request: %s s", measured)
+            if measured:
+                limit_step_size(vllm_config.scheduler_config, max(measured))
+        return result
+
+    setattr(initialize_kv_caches, _GUARD_MARK, True)
+    EngineCore._initialize_kv_caches = initialize_kv_caches  # type: ignore[method-assign]
+
+
+def limit_step_size(scheduler_config: Any, seconds_per_request: float) -> None:
+    """Lower `max_num_seqs` so that a full step stays within `STEP_TIME_SHARE` of the timeout."""
+    import vllm.envs as vllm_envs
+
+    timeout_s = float(vllm_envs.VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS)
+    fitting = max(1, int(STEP_TIME_SHARE * timeout_s / max(seconds_per_request, 1e-9)))
+    scheduled = scheduler_config.max_num_seqs
+    if fitting >= scheduled:
+        logger.info(
+            "vllm-terratorch: a step of %d requests (--max-num-seqs) takes about %.1f s (%.3f s each, measured at "
+            "start-up), within vLLM's execute-model timeout (%g s)", scheduled, scheduled * seconds_per_request,
+            seconds_per_request, timeout_s,
+        )
+        return
+    if seconds_per_request > STEP_TIME_SHARE * timeout_s:
+        logger.warning(
+            "vllm-terratorch: one request takes %.1f s in this model's forward here, more than half of vLLM's "
+            "execute-model timeout (%g s, VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS); raise that timeout or use a "
+            "faster device", seconds_per_request, timeout_s,
+        )
+    logger.warning(
+        "vllm-terratorch: a step of %d requests (--max-num-seqs) would take about %.0f s, beyond half of "
+        "vLLM's execute-model timeout (%g s, VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS), after which the engine "
+        "stops; scheduling at most %d requests per step instead (%.2f s each, measured at start-up)",
+        scheduled, scheduled * seconds_per_request, timeout_s, fitting, seconds_per_request,
+    )
+    scheduler_config.max_num_seqs = fitting
 
 
 def skip_encoder_profiling(vllm_config: Any) -> None:

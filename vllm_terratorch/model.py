@@ -8,6 +8,7 @@ request is its pooled output, `o.outputs.data`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 from typing import Any
@@ -264,6 +265,9 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         mode = envs.compile_mode()
         self.compiled = CompiledForward(self.network, mode, vllm_config.scheduler_config.max_num_seqs) if mode else None
         self._output_shape: tuple[int, ...] | None = None  # of the last successful forward
+        # The slowest forward seen, per request (start-up profiling included): what a step of N
+        # requests costs, so the engine can keep its steps inside vLLM's execute-model timeout.
+        self.seconds_per_request = 0.0
         logger.info(
             "vllm-terratorch: serving %s (%s) in %s as %s (%d torch threads)",
             self.pretrained_cfg.model.class_path,
@@ -295,7 +299,10 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         inputs_embeds: torch.Tensor | None = None,
         **inputs: Any,
     ) -> torch.Tensor | list[torch.Tensor]:
+        started = time.perf_counter()
         rows = self._forward_requests(inputs, positions.device)
+        if len(rows):
+            self.seconds_per_request = max(self.seconds_per_request, (time.perf_counter() - started) / len(rows))
         num_tokens = positions.shape[0]
         if num_tokens > len(rows) and _identical_requests(inputs):
             return _one_row_per_token(rows, num_tokens)
@@ -345,6 +352,22 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
             return torch.full((count, *self._output_shape), float("nan"), dtype=self.dtype, device=self._device())
         self._output_shape = tuple(result.shape[1:])
         return result
+
+    def measure_seconds_per_request(self, batch: int) -> float:
+        """Time one forward of `batch` dummy requests (after one warm-up call); the slowest per-request
+        time seen so far. For vLLM runners that do not run the model before serving (the CPU runner
+        does not profile), so that the engine can still bound its step size."""
+        if self.seconds_per_request == 0.0:
+            one = dummy_inputs(self.pretrained_cfg.input, self.dtype, self._device())
+            inputs = {name: t.expand(batch, *t.shape).contiguous() for name, t in one.items()}
+            with torch.inference_mode(), gpu_sync_allowed():
+                args, kwargs = self.plan.batch(inputs, self.dtype, self._device())
+                for timed in (False, True):
+                    started = time.perf_counter()
+                    self._run(args, kwargs, batch)
+                    if timed:
+                        self.seconds_per_request = (time.perf_counter() - started) / batch
+        return self.seconds_per_request
 
     def _compile(self) -> None:
         """Compile every batch bucket now that the weights are in place (freezing captures them).

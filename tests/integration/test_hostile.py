@@ -321,9 +321,21 @@ def test_upstream_payload_fields_are_accepted(server):
         response = server.pooling(request("tile.tif", **extra))
         assert response.status_code == 200, (extra, response.text)
         assert np.array_equal(mask_of(response), expected)
-    payload = {"data": request("tile.tif", image_format="tiff"), "model": server.model, "priority": 0, "softmax": False}
-    response = requests.post(f"{server.url}/pooling", json=payload, timeout=120)
-    assert response.status_code == 200, response.text
+    for top in ({"priority": 0, "softmax": False}, {"use_activation": False}, {"softmax": True}):
+        payload = {"data": request("tile.tif", image_format="tiff"), "model": server.model, **top}
+        response = requests.post(f"{server.url}/pooling", json=payload, timeout=120)
+        assert response.status_code == 200, (top, response.text)
+        assert np.array_equal(mask_of(response), expected)
+
+
+def test_no_hostile_request_gets_a_server_error_even_all_at_once(server, site, web):
+    """The sweep: every hostile request of this suite, concurrently; each a 4xx, never a 5xx."""
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda case: server.pooling(case[1](site, web), timeout=120), CASES))
+    errors = {case[0]: r.status_code for case, r in zip(CASES, responses) if not 400 <= r.status_code < 500}
+    assert errors == {}
+    assert requests.get(f"{server.url}/health", timeout=5).status_code == 200
+    good(server)
 
 
 def test_no_link_or_bad_out_path_wrote_anything_outside(server, site):

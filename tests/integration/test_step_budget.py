@@ -1,0 +1,50 @@
+"""No load takes the engine down: vLLM stops the engine (for every client) when one step outlasts
+VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS; the backend schedules at most as many requests per step as the
+forward measured at start-up fits into half of it.
+
+Here the timeout is 2 s and `--max-num-seqs 64`: 64 concurrent 256x256 requests in one step take
+longer than that on a 2-core CPU, so without the bound the engine dies; with it, every request
+succeeds over several shorter steps and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from vllm_terratorch.launcher import DOCUMENTED, Server
+from vllm_terratorch.samples import sample_pretrained_cfg, write_model_folder, write_sample_geotiff
+
+pytestmark = pytest.mark.integration
+TIMEOUT_S = 2
+MAX_NUM_SEQS = 64
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("step-budget")
+    write_model_folder(root / "model", sample_pretrained_cfg("segmentation", image_size=256))
+    write_sample_geotiff(root / "tile.tif", 256, 256, seed=3)
+    env = {"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": str(TIMEOUT_S), "VLLM_TERRATORCH_IO_CONFIG": json.dumps({"output_path": str(root / "out")})}
+    server = Server(root / "model", [*DOCUMENTED, "--max-num-seqs", str(MAX_NUM_SEQS)], root / "server.log", env)
+    server.tile = base64.b64encode((root / "tile.tif").read_bytes()).decode()
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.close()
+
+
+def test_a_full_batch_of_requests_does_not_stop_the_engine(server):
+    payload = {"data": server.tile, "data_format": "b64_json", "out_data_format": "b64_json"}
+    with ThreadPoolExecutor(MAX_NUM_SEQS) as pool:
+        responses = list(pool.map(lambda _: server.pooling(payload, timeout=300), range(MAX_NUM_SEQS)))
+    assert [r.status_code for r in responses] == [200] * MAX_NUM_SEQS, responses[0].text
+    assert len({r.json()["data"]["data"] for r in responses}) == 1  # the same tile, the same answer
+    assert requests.get(f"{server.url}/health", timeout=5).status_code == 200
+    assert "EngineDeadError" not in server.log() and "timed out" not in server.log()
+    assert "scheduling at most" in server.log()  # the bound was applied at start-up
