@@ -57,25 +57,6 @@ def offline_init_args(init_args: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
-# TerraTorch's Clay v1.5 backbone module calls `torch.set_float32_matmul_precision("medium")` when
-# TerraTorch's model registry is imported, whatever model is built.
-TERRATORCH_IMPORT_PRECISION = "medium"
-
-
-def keep_float32_exact() -> None:
-    """Undo TerraTorch's import-time switch to "medium" float32 matmul precision.
-
-    "medium" lets PyTorch run float32 matmuls and convolutions in bfloat16 or TF32, process-wide:
-    on CPUs with AMX (oneDNN) a float32 ConvTranspose2d of one image is then off by ~1e-2, and on
-    GPUs float32 matmuls use TF32. A model served in float32 must compute in float32 (a faster
-    dtype is `--dtype bfloat16`). Only TerraTorch's value is reset; a precision the user chose
-    otherwise ("high") is kept.
-    """
-    if torch.get_float32_matmul_precision() == TERRATORCH_IMPORT_PRECISION:
-        logger.info("Float32 matmul precision back to 'highest' (TerraTorch's import had set 'medium')")
-        torch.set_float32_matmul_precision("highest")
-
-
 def build_task(spec: TaskSpec) -> Any:
     """Instantiate the Lightning task of `spec` in eval mode (older-TerraTorch arguments translated)."""
     task_class = resolve_task_class(spec.class_path)
@@ -86,8 +67,6 @@ def build_task(spec: TaskSpec) -> Any:
             f"TerraTorch could not build {spec.class_path} from pretrained_cfg.model.init_args: "
             f"{type(error).__name__}: {error}"
         ) from error
-    finally:
-        keep_float32_exact()  # by now every TerraTorch module the task needs is imported
     return task.eval()
 
 

@@ -157,25 +157,3 @@ def test_only_a_batch_of_identical_requests_is_expanded_per_token():
     expanded = _one_row_per_token(rows, 10)
     assert expanded.shape == (10, 2, 4) and torch.equal(expanded[9], rows[0])
     assert expanded.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr()  # no copy
-
-
-def test_building_keeps_float32_exact():
-    """TerraTorch's import switches PyTorch to "medium" float32 matmul precision (bf16/TF32 inside
-    float32 models); building a network switches it back, and keeps a precision set otherwise."""
-    import terratorch.models  # noqa: F401 - the import that sets "medium"
-
-    from vllm_terratorch.config import parse_pretrained_cfg
-    from vllm_terratorch.factory import build_network
-    from vllm_terratorch.samples import sample_pretrained_cfg
-
-    spec = parse_pretrained_cfg(sample_pretrained_cfg("segmentation")).model
-    before = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("medium")
-        build_network(spec)
-        assert torch.get_float32_matmul_precision() == "highest"
-        torch.set_float32_matmul_precision("high")
-        build_network(spec)
-        assert torch.get_float32_matmul_precision() == "high"
-    finally:
-        torch.set_float32_matmul_precision(before)

@@ -93,7 +93,10 @@ def reference_classes(path: Path, indices: list[int] | None = None) -> np.ndarra
     network = build_sample_task(cfg).model
     coords = terratorch_location_coords(path)[None]
     tiling = cfg["model"]["init_args"]["tiled_inference_parameters"]
-    logits = sliding_window(image, tiling["h_crop"], tiling["h_stride"], lambda tile: network(tile, location_coords=coords).output[0])
+    # Without oneDNN: on CPUs with AMX (seen on Sapphire Rapids, torch 2.13) its ConvTranspose2d for
+    # a batch of one is off by ~1e-2, which flips near-tie pixels; PyTorch's own kernels are exact.
+    with torch.backends.mkldnn.flags(enabled=False):
+        logits = sliding_window(image, tiling["h_crop"], tiling["h_stride"], lambda tile: network(tile, location_coords=coords).output[0])
     return logits.argmax(axis=0)
 
 
