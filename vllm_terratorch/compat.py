@@ -187,9 +187,10 @@ def preprocess_off_the_event_loop() -> None:
     PoolingBaseServing._preprocessing = preprocessing  # type: ignore[method-assign]
 
 
-# A step may use this share of vLLM's execute-model timeout (the rest is margin: later steps can be
-# slower than the profiled one, e.g. larger inputs or a busier machine).
-STEP_TIME_SHARE = 0.5
+# A step may use this share of vLLM's execute-model timeout; the rest is margin, because later steps
+# can be slower than the measured one (a busier machine: on CPU the API server's decoding and
+# encoding share the cores with the worker; larger inputs).
+STEP_TIME_SHARE = 0.25
 
 
 # Dummy requests timed at start-up where vLLM ran no forward of its own (CPU runners do not profile).
@@ -259,15 +260,15 @@ def limit_step_size(scheduler_config: Any, seconds_per_request: float) -> None:
         return
     if seconds_per_request > STEP_TIME_SHARE * timeout_s:
         logger.warning(
-            "vllm-terratorch: one request takes %.1f s in this model's forward here, more than half of vLLM's "
+            "vllm-terratorch: one request takes %.1f s in this model's forward here, more than %.0f%% of vLLM's "
             "execute-model timeout (%g s, VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS); raise that timeout or use a "
-            "faster device", seconds_per_request, timeout_s,
+            "faster device", seconds_per_request, 100 * STEP_TIME_SHARE, timeout_s,
         )
     logger.warning(
-        "vllm-terratorch: a step of %d requests (--max-num-seqs) would take about %.0f s, beyond half of "
+        "vllm-terratorch: a step of %d requests (--max-num-seqs) would take about %.0f s, beyond %.0f%% of "
         "vLLM's execute-model timeout (%g s, VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS), after which the engine "
         "stops; scheduling at most %d requests per step instead (%.2f s each, measured at start-up)",
-        scheduled, scheduled * seconds_per_request, timeout_s, fitting, seconds_per_request,
+        scheduled, scheduled * seconds_per_request, 100 * STEP_TIME_SHARE, timeout_s, fitting, seconds_per_request,
     )
     scheduler_config.max_num_seqs = fitting
 

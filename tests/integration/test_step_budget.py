@@ -1,6 +1,6 @@
 """No load takes the engine down: vLLM stops the engine (for every client) when one step outlasts
 VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS; the backend schedules at most as many requests per step as the
-forward measured at start-up fits into half of it.
+forward measured at start-up fits into a quarter of it.
 
 Here the timeout is 2 s and `--max-num-seqs 64`: 64 concurrent 256x256 requests in one step take
 longer than that on a 2-core CPU, so without the bound the engine dies; with it, every request
