@@ -193,7 +193,7 @@ def preprocess_off_the_event_loop() -> None:
 STEP_TIME_SHARE = 0.25
 
 
-# Dummy requests timed at start-up where vLLM ran no forward of its own (CPU runners do not profile).
+# Dummy requests our model times at start-up, for the step bound.
 MEASURED_BATCH = 4
 
 
@@ -210,13 +210,11 @@ def steps_within_the_execute_timeout() -> None:
     vLLM waits `VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS` (300 s) for one step, then declares the engine
     dead and the server stops for every client. A pooling step runs every scheduled request (for
     us: every tile) in one forward, up to `--max-num-seqs` of them, so a heavy model on a CPU
-    outlasts the timeout under load or with one large scene. The engine core profiles the model
-    (a real forward of our network) before it builds its scheduler; we wrap that step
-    (`EngineCore._initialize_kv_caches`, vLLM 0.26 and 0.32), ask the workers how long our network
-    took per request, and lower `scheduler_config.max_num_seqs`, which the scheduler built right
-    after reads, so that a full step takes at most `STEP_TIME_SHARE` of the timeout (where vLLM ran
-    no forward while profiling, as on CPU, the model times a few dummy requests itself). Requests are
-    then spread over more steps; none fails. Applied in the engine-core process, where vLLM has
+    outlasts the timeout under load or with one large scene. The engine core builds its scheduler
+    right after `EngineCore._initialize_kv_caches` (vLLM 0.26 and 0.32); we wrap that step, ask the
+    workers to time our forward on `MEASURED_BATCH` dummy requests, and lower
+    `scheduler_config.max_num_seqs`, which the scheduler reads, so that a full step takes at most
+    `STEP_TIME_SHARE` of the timeout. Requests are then spread over more steps; none fails. Applied in the engine-core process, where vLLM has
     imported `vllm.v1.engine.core` before it loads plugins; other processes import nothing for it.
     """
     core = sys.modules.get("vllm.v1.engine.core")

@@ -265,8 +265,8 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         mode = envs.compile_mode()
         self.compiled = CompiledForward(self.network, mode, vllm_config.scheduler_config.max_num_seqs) if mode else None
         self._output_shape: tuple[int, ...] | None = None  # of the last successful forward
-        # The slowest forward seen, per request (start-up profiling included): what a step of N
-        # requests costs, so the engine can keep its steps inside vLLM's execute-model timeout.
+        # A forward's time per request, measured once at start-up (`measure_seconds_per_request`):
+        # what a step of N requests costs, so the engine keeps its steps inside vLLM's timeout.
         self.seconds_per_request = 0.0
         logger.info(
             "vllm-terratorch: serving %s (%s) in %s as %s (%d torch threads)",
@@ -299,10 +299,7 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         inputs_embeds: torch.Tensor | None = None,
         **inputs: Any,
     ) -> torch.Tensor | list[torch.Tensor]:
-        started = time.perf_counter()
         rows = self._forward_requests(inputs, positions.device)
-        if len(rows):
-            self.seconds_per_request = max(self.seconds_per_request, (time.perf_counter() - started) / len(rows))
         num_tokens = positions.shape[0]
         if num_tokens > len(rows) and _identical_requests(inputs):
             return _one_row_per_token(rows, num_tokens)
@@ -354,9 +351,11 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         return result
 
     def measure_seconds_per_request(self, batch: int) -> float:
-        """Time one forward of `batch` dummy requests (after one warm-up call); the slowest per-request
-        time seen so far. For vLLM runners that do not run the model before serving (the CPU runner
-        does not profile), so that the engine can still bound its step size."""
+        """Time one forward of `batch` dummy requests (after one warm-up call), once; per request.
+
+        Asked by the engine core before it builds its scheduler, so that it can bound the step size;
+        measured here because not every vLLM runner runs the model before serving (the CPU runner
+        does not profile)."""
         if self.seconds_per_request == 0.0:
             one = dummy_inputs(self.pretrained_cfg.input, self.dtype, self._device())
             inputs = {name: t.expand(batch, *t.shape).contiguous() for name, t in one.items()}
