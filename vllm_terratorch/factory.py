@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from vllm_terratorch.compat import float32_precision_as_configured
 from vllm_terratorch.config import TaskSpec
 from vllm_terratorch.errors import ModelBuildError
 from vllm_terratorch.legacy import translate_init_args
@@ -59,14 +60,18 @@ def offline_init_args(init_args: dict[str, Any]) -> dict[str, Any]:
 
 def build_task(spec: TaskSpec) -> Any:
     """Instantiate the Lightning task of `spec` in eval mode (older-TerraTorch arguments translated)."""
-    task_class = resolve_task_class(spec.class_path)
     try:
+        task_class = resolve_task_class(spec.class_path)
         task = task_class(**translate_init_args(offline_init_args(spec.init_args)))
+    except ModelBuildError:
+        raise
     except Exception as error:  # noqa: BLE001 - TerraTorch raises bare Exceptions for bad args
         raise ModelBuildError(
             f"TerraTorch could not build {spec.class_path} from pretrained_cfg.model.init_args: "
             f"{type(error).__name__}: {error}"
         ) from error
+    finally:
+        float32_precision_as_configured()  # by now every TerraTorch module the task needs is imported
     return task.eval()
 
 

@@ -157,3 +157,26 @@ def test_only_a_batch_of_identical_requests_is_expanded_per_token():
     expanded = _one_row_per_token(rows, 10)
     assert expanded.shape == (10, 2, 4) and torch.equal(expanded[9], rows[0])
     assert expanded.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr()  # no copy
+
+
+def test_a_built_task_computes_float32_at_vllms_configured_precision(monkeypatch):
+    """TerraTorch's import switches PyTorch to "medium" float32 matmul precision (bf16 on AMX CPUs,
+    TF32 on GPUs, inside float32 models); building a task puts vLLM's configured value back."""
+    import terratorch.models  # noqa: F401 - the import that sets "medium"
+
+    from vllm_terratorch.config import parse_pretrained_cfg
+    from vllm_terratorch.factory import build_network
+    from vllm_terratorch.samples import sample_pretrained_cfg
+
+    spec = parse_pretrained_cfg(sample_pretrained_cfg("segmentation")).model
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        build_network(spec)
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"  # what oneDNN reads
+        monkeypatch.setenv("VLLM_FLOAT32_MATMUL_PRECISION", "high")
+        build_network(spec)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
