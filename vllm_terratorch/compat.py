@@ -138,27 +138,6 @@ def float32_on_cpu_by_default() -> None:
     model_config._get_and_verify_dtype = resolved
 
 
-# TerraTorch's Clay v1.5 backbone module, imported with `terratorch` whatever model is built, calls
-# `torch.set_float32_matmul_precision("medium")` process-wide (checked up to TerraTorch 1.2.x).
-def float32_precision_as_configured() -> None:
-    """Put PyTorch's float32 matmul precision back to vLLM's `VLLM_FLOAT32_MATMUL_PRECISION`.
-
-    Why: "medium" lets PyTorch run float32 matmuls and convolutions in bfloat16 (oneDNN on CPUs
-    with AMX: a float32 ConvTranspose2d is then ~1e-2 off) or TF32 (GPUs). vLLM sets its configured
-    value ("highest" unless the user chose otherwise) when a worker starts, but TerraTorch's import
-    can come later (building the task) and, in a process without a vLLM worker (the CLI's checks,
-    a user's reference), nothing sets it back. Called after every task is built, so a float32 model
-    computes in float32 everywhere; a faster dtype is `--dtype bfloat16`.
-    """
-    import torch
-    from vllm import envs
-
-    wanted = envs.VLLM_FLOAT32_MATMUL_PRECISION.lower()
-    if torch.get_float32_matmul_precision() != wanted:
-        logger.debug("Float32 matmul precision back to %r (TerraTorch's import had changed it)", wanted)
-        torch.set_float32_matmul_precision(wanted)
-
-
 class _PrecomputedRequests:
     """A vLLM pooling IO processor whose online request factory has already run (elsewhere)."""
 

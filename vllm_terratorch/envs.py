@@ -55,3 +55,18 @@ def compile_mode() -> str | None:
     raise ConfigError(
         f"VLLM_TERRATORCH_COMPILE={value!r} is not a compile setting; use 0/off, 1/on, or one of {', '.join(COMPILE_MODES)}"
     )
+
+
+FLOAT32_PRECISIONS = ("highest", "high", "medium")
+
+
+def float32_matmul_precision() -> str:
+    """VLLM_FLOAT32_MATMUL_PRECISION (vLLM's own variable, default `highest`): PyTorch's float32
+    matmul precision for the served model. vLLM's workers set it at start; we set it again after
+    TerraTorch's import has changed it (see factory.py)."""
+    value = (os.environ.get("VLLM_FLOAT32_MATMUL_PRECISION") or "highest").strip().lower()
+    if value not in FLOAT32_PRECISIONS:
+        raise ConfigError(
+            f"VLLM_FLOAT32_MATMUL_PRECISION={value!r} is not a precision; use one of {', '.join(FLOAT32_PRECISIONS)}"
+        )
+    return value

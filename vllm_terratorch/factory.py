@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from vllm_terratorch.compat import float32_precision_as_configured
+from vllm_terratorch import envs
 from vllm_terratorch.config import TaskSpec
 from vllm_terratorch.errors import ModelBuildError
 from vllm_terratorch.legacy import translate_init_args
@@ -56,6 +56,24 @@ def offline_init_args(init_args: dict[str, Any]) -> dict[str, Any]:
                 logger.info("Building with %s=False: weights come from the served checkpoint", switch)
                 model_args[switch] = False
     return args
+
+
+# TerraTorch's Clay v1.5 backbone module, imported with `terratorch` whatever model is built, calls
+# `torch.set_float32_matmul_precision("medium")` process-wide (TerraTorch 1.2.x).
+def float32_precision_as_configured() -> None:
+    """Put PyTorch's float32 matmul precision back to `VLLM_FLOAT32_MATMUL_PRECISION` (vLLM's value).
+
+    Why: "medium" lets PyTorch run float32 matmuls and convolutions in bfloat16 (oneDNN on CPUs
+    with AMX: a float32 ConvTranspose2d is then ~1e-2 off) or TF32 (GPUs). vLLM sets its configured
+    value ("highest" unless the user chose otherwise) when a worker starts, but TerraTorch can be
+    imported later, and in a process without a vLLM worker (the CLI's checks, a user's reference)
+    nothing sets it back. So a float32 model computes in float32 everywhere; a faster dtype is
+    `--dtype bfloat16`.
+    """
+    wanted = envs.float32_matmul_precision()
+    if torch.get_float32_matmul_precision() != wanted:
+        logger.debug("Float32 matmul precision back to %r (TerraTorch's import had changed it)", wanted)
+        torch.set_float32_matmul_precision(wanted)
 
 
 def build_task(spec: TaskSpec) -> Any:
