@@ -38,7 +38,7 @@ $(STAMP): $(REQUIREMENTS) pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m vllm_terratorch.demo --output demo-out
+	$(PY) -m vllm_terratorch.testing.demo --output demo-out
 
 ifeq ($(STACK),)
 test:

@@ -46,7 +46,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def build_folder(model: str, image_size: int, folder: Path) -> dict[str, Any]:
-    from vllm_terratorch.samples import sample_pretrained_cfg, write_model_folder
+    from vllm_terratorch.testing.samples import sample_pretrained_cfg, write_model_folder
 
     spec = MODELS[model]
     cfg = sample_pretrained_cfg(
@@ -111,7 +111,7 @@ def torch_threads(count: int) -> Iterator[None]:
 
 def raw_forward(cfg: dict[str, Any], inputs: list[dict[str, torch.Tensor]], dtype: torch.dtype, device: str) -> Callable[[int, int], torch.Tensor]:
     """The network alone, called the way TerraTorch's own inference does: `forward(start, stop)`."""
-    from vllm_terratorch.samples import build_sample_task
+    from vllm_terratorch.testing.samples import build_sample_task
 
     network = build_sample_task(cfg).model.to(device=device, dtype=dtype).eval()
     pixels = torch.stack([i["pixel_values"] for i in inputs]).to(device=device, dtype=dtype)
@@ -137,11 +137,11 @@ def time_adapter(
     on top of the network itself. The compiled variant compiles lazily in the warm-up pass, for
     the one batch size timed here (the served model compiles every bucket at start-up).
     """
-    from vllm_terratorch.compiled import CompiledForward
-    from vllm_terratorch.config import load_config
-    from vllm_terratorch.factory import build_network
-    from vllm_terratorch.forward import ForwardPlan, task_output
-    from vllm_terratorch.weights import load_folder_weights
+    from vllm_terratorch.core.compiled import CompiledForward
+    from vllm_terratorch.core.config import load_config
+    from vllm_terratorch.core.factory import build_network
+    from vllm_terratorch.core.forward import ForwardPlan, task_output
+    from vllm_terratorch.core.weights import load_folder_weights
 
     config = load_config(folder).pretrained_cfg
     network = build_network(config.model)
@@ -164,7 +164,7 @@ def flops_per_image(cfg: dict[str, Any], inputs: list[dict[str, torch.Tensor]], 
     """Measured forward FLOPs of one image (torch's FLOP counter: matmuls and convolutions)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vllm_terratorch.samples import build_sample_task
+    from vllm_terratorch.testing.samples import build_sample_task
 
     network = build_sample_task(cfg).model.to(device).eval()
     counter = FlopCounterMode(display=False)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -86,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
-    from vllm_terratorch.launcher import DOCUMENTED, Server
-    from vllm_terratorch.samples import sample_pretrained_cfg, write_model_folder, write_sample_geotiff
+    from vllm_terratorch.testing.launcher import DOCUMENTED, Server
+    from vllm_terratorch.testing.samples import sample_pretrained_cfg, write_model_folder, write_sample_geotiff
 
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)

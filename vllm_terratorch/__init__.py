@@ -6,7 +6,7 @@ every process costs nothing until a model is actually built.
 
 from __future__ import annotations
 
-__all__ = ["IO_PROCESSORS", "classification_processor", "register", "regression_processor", "segmentation_processor"]
+__all__ = ["classification_processor", "register", "regression_processor", "segmentation_processor"]
 __version__ = "0.1.0"
 
 
@@ -15,40 +15,25 @@ def register() -> None:
 
     Runs in every vLLM process (API server, engine core, workers); safe to call any number of times.
     """
-    from vllm_terratorch.compat import (
-        ARCHITECTURE,
-        MODEL_CLASS,
-        attach_to_vllm_logging,
-        claim_architecture,
-        claim_io_processors,
-        float32_on_cpu_by_default,
-        logger,
-        steps_within_the_execute_timeout,
-    )
+    from vllm_terratorch import registration
 
-    attach_to_vllm_logging()
-    if claim_architecture():
-        logger.info("vllm-terratorch: architecture %s is served by %s", ARCHITECTURE, MODEL_CLASS)
-    claim_io_processors(IO_PROCESSORS)
-    float32_on_cpu_by_default()
-    steps_within_the_execute_timeout()
+    registration.register()
 
 
 # `vllm.io_processor_plugins` entry points: each returns the qualified name of its processor class.
-IO_PROCESSORS = {
-    "terratorch_segmentation": "vllm_terratorch.io.processor.SegmentationProcessor",
-    "terratorch_regression": "vllm_terratorch.io.processor.RegressionProcessor",
-    "terratorch_classification": "vllm_terratorch.io.processor.ClassificationProcessor",
-}
+def _processor(plugin: str) -> str:
+    from vllm_terratorch.registration import IO_PROCESSORS
+
+    return IO_PROCESSORS[plugin]
 
 
 def segmentation_processor() -> str:
-    return IO_PROCESSORS["terratorch_segmentation"]
+    return _processor("terratorch_segmentation")
 
 
 def regression_processor() -> str:
-    return IO_PROCESSORS["terratorch_regression"]
+    return _processor("terratorch_regression")
 
 
 def classification_processor() -> str:
-    return IO_PROCESSORS["terratorch_classification"]
+    return _processor("terratorch_classification")

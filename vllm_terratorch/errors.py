@@ -42,3 +42,11 @@ class SourceNotAllowedError(RequestError):
 
 class OutputPathError(RequestError):
     """A request's `out_path` names a place the server may not or cannot write a new file."""
+
+
+class UsageError(TerratorchError, ValueError):
+    """A command-line problem: a bad option or combination of options (exit code 2)."""
+
+
+class OutputExistsError(TerratorchError, FileExistsError):
+    """An output file or folder already exists and `--force` was not given."""

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from vllm_terratorch.forward import ForwardPlan, task_output
-from vllm_terratorch.samples import build_sample_task
+from vllm_terratorch.core.forward import ForwardPlan, task_output
+from vllm_terratorch.testing.samples import build_sample_task
 
 @contextmanager
 def engine(model: Path | str, **kwargs: Any) -> Iterator[Any]:
@@ -40,7 +40,7 @@ def module_engine(pretrained_cfg: dict[str, Any], weight_format: str = "ckpt", *
     """A module-scoped fixture: one engine over `pretrained_cfg` written to a tmp dir."""
     import pytest
 
-    from vllm_terratorch.samples import write_model_folder
+    from vllm_terratorch.testing.samples import write_model_folder
 
     @pytest.fixture(scope="module")
     def llm(tmp_path_factory: Any) -> Iterator[Any]:
@@ -61,7 +61,7 @@ def reference_outputs(
     pretrained_cfg: dict[str, Any], requests: Sequence[dict[str, torch.Tensor]], dtype: torch.dtype = torch.float32
 ) -> list[torch.Tensor]:
     """Plain PyTorch: the same weights, one request at a time, no vLLM involved."""
-    from vllm_terratorch.config import parse_pretrained_cfg
+    from vllm_terratorch.core.config import parse_pretrained_cfg
 
     network = build_sample_task(pretrained_cfg).model.to(dtype)
     spec = parse_pretrained_cfg(pretrained_cfg).input

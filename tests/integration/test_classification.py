@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers import distinct_requests, encode, module_engine, max_abs_diff, reference_outputs
 
-from vllm_terratorch.samples import sample_pretrained_cfg
+from vllm_terratorch.testing.samples import sample_pretrained_cfg
 
 pytestmark = pytest.mark.integration
 CFG = sample_pretrained_cfg("classification")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from helpers import distinct_requests, encode, engine, max_abs_diff, reference_outputs
 
-from vllm_terratorch.compiled import compiled_state
-from vllm_terratorch.samples import sample_pretrained_cfg, write_model_folder
+from vllm_terratorch.core.compiled import compiled_state
+from vllm_terratorch.testing.samples import sample_pretrained_cfg, write_model_folder
 
 pytestmark = pytest.mark.integration
 CFG = sample_pretrained_cfg("segmentation")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import distinct_requests, encode, module_engine, reference_outputs
 
-from vllm_terratorch.samples import sample_pretrained_cfg
+from vllm_terratorch.testing.samples import sample_pretrained_cfg
 
 pytestmark = pytest.mark.integration
 CFG = sample_pretrained_cfg("segmentation")
@@ -44,7 +44,7 @@ def test_cpu_default_dtype_is_float32(tmp_path, dtype, torch_dtype, expected):
 
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_terratorch.samples import write_model_folder
+    from vllm_terratorch.testing.samples import write_model_folder
 
     folder = write_model_folder(tmp_path / "model", CFG)
     if torch_dtype is not None:

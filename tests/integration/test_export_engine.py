@@ -17,7 +17,7 @@ import torch
 import yaml
 from helpers import distinct_requests, encode, engine, max_abs_diff, reference_outputs
 
-from vllm_terratorch.samples import build_sample_task, sample_pretrained_cfg
+from vllm_terratorch.testing.samples import build_sample_task, sample_pretrained_cfg
 
 pytestmark = pytest.mark.integration
 CFG = sample_pretrained_cfg("segmentation")

@@ -20,8 +20,8 @@ import pytest
 import rasterio
 import requests
 
-from vllm_terratorch.launcher import DOCUMENTED, Server
-from vllm_terratorch.samples import sample_pretrained_cfg, write_model_folder, write_sample_geotiff
+from vllm_terratorch.testing.launcher import DOCUMENTED, Server
+from vllm_terratorch.testing.samples import sample_pretrained_cfg, write_model_folder, write_sample_geotiff
 
 pytestmark = pytest.mark.integration
 MAX_PIXELS = 300 * 300

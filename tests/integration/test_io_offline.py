@@ -13,7 +13,7 @@ import torch
 from helpers import engine
 from reference import normalised_scene, sliding_window
 
-from vllm_terratorch.samples import MEANS, STDS, build_sample_task, sample_pretrained_cfg, write_model_folder, write_sample_geotiff
+from vllm_terratorch.testing.samples import MEANS, STDS, build_sample_task, sample_pretrained_cfg, write_model_folder, write_sample_geotiff
 
 pytestmark = pytest.mark.integration
 

@@ -22,15 +22,12 @@ import pytest
 import rasterio
 import torch
 
-from vllm_terratorch.launcher import DOCUMENTED, Server
-from vllm_terratorch.predict import (
-    add_predict_arguments,
-    list_inputs,
-    parse_engine_options,
-    plugin_for_model,
-    run_predict,
-)
-from vllm_terratorch.samples import sample_pretrained_cfg, write_model_folder, write_sample_geotiff
+from vllm_terratorch.testing.launcher import DOCUMENTED, Server
+from vllm_terratorch.predict.args import add_predict_arguments, parse_engine_options
+from vllm_terratorch.predict.engine import plugin_for_model
+from vllm_terratorch.predict.inputs import list_inputs
+from vllm_terratorch.predict.main import run_predict
+from vllm_terratorch.testing.samples import sample_pretrained_cfg, write_model_folder, write_sample_geotiff
 
 pytestmark = pytest.mark.integration
 CFG = sample_pretrained_cfg("segmentation")
@@ -80,7 +77,7 @@ def starting_server(workdir):
 
 
 def predict_cli(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "vllm_terratorch.predict", *args, "--no-progress"]
+    command = [sys.executable, "-m", "vllm_terratorch.predict.main", *args, "--no-progress"]
     return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, check=False)
 
 
@@ -176,7 +173,7 @@ class StandInEngine:
     """What predict uses of `LLM`: the engine's config and `encode`; optionally Ctrl-C on call N."""
 
     def __init__(self, model_dir: Path, interrupt_on_call: int | None = None, nan_on_call: int | None = None) -> None:
-        from vllm_terratorch.predict_tasks import _HFConfig
+        from vllm_terratorch.predict.tasks import _HFConfig
 
         config = json.loads((model_dir / "config.json").read_text())
         model_config = SimpleNamespace(hf_config=_HFConfig(config), model=str(model_dir), dtype=torch.float32,
@@ -290,7 +287,7 @@ def test_scenes_prepared_ahead_equal_prepare_at_the_engine_dtype(tmp_path, dtype
     """Workers prepare at float64 before the engine's dtype is known; cast then, the engine gets
     exactly the tensors the IO processor's `prepare` makes at that dtype (as the server does)."""
     from vllm_terratorch.io.schema import GeoTiffRequest
-    from vllm_terratorch.predict_tasks import ProcessorSpec, build_prompts, decode_scene, get_processor
+    from vllm_terratorch.predict.tasks import ProcessorSpec, build_prompts, decode_scene, get_processor
 
     model = write_model_folder(tmp_path / "model", CFG)
     scene = write_sample_geotiff(tmp_path / "scene.tif", 100, 130, seed=3)

@@ -18,8 +18,8 @@ import torch
 
 from reference import normalised_scene
 
-from vllm_terratorch.launcher import DOCUMENTED, Server
-from vllm_terratorch.samples import MEANS, STDS, build_sample_task, sample_pretrained_cfg, write_model_folder, write_sample_geotiff
+from vllm_terratorch.testing.launcher import DOCUMENTED, Server
+from vllm_terratorch.testing.samples import MEANS, STDS, build_sample_task, sample_pretrained_cfg, write_model_folder, write_sample_geotiff
 
 pytestmark = pytest.mark.integration
 CFG = sample_pretrained_cfg("segmentation")
@@ -146,5 +146,5 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(server, workdir, data
 def test_log_names_our_classes(server):
     log = server.log()
     assert "IO processor terratorch_segmentation is served by vllm_terratorch.io.processor.SegmentationProcessor" in log
-    assert "architecture Terratorch is served by vllm_terratorch.model:TerratorchModel" in log
+    assert "architecture Terratorch is served by vllm_terratorch.engine.model:TerratorchModel" in log
     assert requests.get(f"{server.url}/health", timeout=5).status_code == 200

@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from vllm_terratorch.launcher import DOCUMENTED, Server
-from vllm_terratorch.samples import sample_pretrained_cfg, write_model_folder, write_sample_geotiff
+from vllm_terratorch.testing.launcher import DOCUMENTED, Server
+from vllm_terratorch.testing.samples import sample_pretrained_cfg, write_model_folder, write_sample_geotiff
 
 pytestmark = pytest.mark.integration
 TIMEOUT_S = 2

@@ -18,10 +18,10 @@ import pytest
 import torch
 import yaml
 
-from vllm_terratorch import cli
+from vllm_terratorch.cli import main as cli
 from vllm_terratorch.errors import ConfigError
-from vllm_terratorch.generate import infer_input_spec
-from vllm_terratorch.samples import build_sample_task, sample_pretrained_cfg
+from vllm_terratorch.cli.generate import infer_input_spec
+from vllm_terratorch.testing.samples import build_sample_task, sample_pretrained_cfg
 
 CFG = sample_pretrained_cfg("segmentation", image_size=32)
 SCRIPT = Path(sys.executable).parent / "vllm-terratorch"
@@ -125,7 +125,7 @@ def test_mission_command_line_with_json_string(tmp_path: Path) -> None:
 def test_mission_command_line_with_file_as_module(tmp_path: Path) -> None:
     write_yaml(tmp_path / "config.yaml")
     (tmp_path / "input_sample.json").write_text(json.dumps(MISSION_FILE_SPEC, indent=2))
-    command = [sys.executable, "-m", "vllm_terratorch.cli", "config", "--ttconfig", "config.yaml", "-i", "./input_sample.json"]
+    command = [sys.executable, "-m", "vllm_terratorch.cli.main", "config", "--ttconfig", "config.yaml", "-i", "./input_sample.json"]
     result = _subprocess(command, tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "config.json").read_text()) == expected_config(MISSION_FILE_SPEC)
@@ -351,7 +351,7 @@ def test_help_has_examples(command: list[str], capsys) -> None:
 
 
 def test_serve_passes_every_argument_to_vllm_untouched(monkeypatch) -> None:
-    import vllm_terratorch.vllm_cli as vllm_cli
+    import vllm_terratorch.cli.serve as vllm_cli
 
     seen: list[list[str]] = []
     monkeypatch.setattr(vllm_cli, "main", lambda argv: seen.append(list(argv)) or 0)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from vllm_terratorch import envs
-from vllm_terratorch.compiled import CompiledForward, batch_buckets, bucket_for, pad_batch
+from vllm_terratorch.core.compiled import CompiledForward, batch_buckets, bucket_for, pad_batch
 from vllm_terratorch.errors import ConfigError
 
 

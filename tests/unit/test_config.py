@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from vllm_terratorch.config import load_config, parse_config, parse_pretrained_cfg
+from vllm_terratorch.core.config import load_config, parse_config, parse_pretrained_cfg
 from vllm_terratorch.errors import ConfigError, ModelSourceError
 
 # The mission document's config.json, verbatim.

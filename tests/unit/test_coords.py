@@ -16,7 +16,7 @@ from terratorch.datasets.sen1floods11 import Sen1Floods11NonGeo
 
 from vllm_terratorch.io.coords import centre_lat_lon, year_and_day
 from vllm_terratorch.io.geotiff import RasterLimits, read_geotiff
-from vllm_terratorch.samples import write_sample_geotiff
+from vllm_terratorch.testing.samples import write_sample_geotiff
 
 LIMITS = RasterLimits(10**8, 10**10)
 # float32 holds a latitude near 40 to ~4e-6 degrees; TerraTorch returns float32 tensors.

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from vllm_terratorch.config import InputSpec, TaskSpec
+from vllm_terratorch.core.config import InputSpec, TaskSpec
 from vllm_terratorch.errors import ConfigError, InputError, ModelBuildError
-from vllm_terratorch.factory import build_network, offline_init_args
-from vllm_terratorch.forward import ForwardPlan, split_by_shape, task_output
-from vllm_terratorch.samples import sample_pretrained_cfg
+from vllm_terratorch.core.factory import build_network, offline_init_args
+from vllm_terratorch.core.forward import ForwardPlan, split_by_shape, task_output
+from vllm_terratorch.testing.samples import sample_pretrained_cfg
 
 
 def spec(data: dict[str, list[int]], target: str | None = None) -> InputSpec:
@@ -143,18 +143,18 @@ def test_no_target_keywords_the_network_refuses():
 def test_only_a_batch_of_identical_requests_is_expanded_per_token():
     # vLLM's profiling run spreads many tokens over identical dummy requests and reads the output
     # per token; a real batch with more tokens than requests (padding) must keep its own rows.
-    from vllm_terratorch.model import _identical_requests, _one_row_per_token
+    from vllm_terratorch.core.forward import identical_requests, one_row_per_token
 
     image = torch.rand(6, 8, 8)
     same = {"pixel_values": torch.stack([image, image, image]), "location_coords": [torch.zeros(1, 2)] * 3}
-    assert _identical_requests(same)
+    assert identical_requests(same)
     differing = {"pixel_values": torch.stack([image, image, image + 1]), "location_coords": [torch.zeros(1, 2)] * 3}
-    assert not _identical_requests(differing)
+    assert not identical_requests(differing)
     mixed_sizes = {"pixel_values": [image, torch.rand(6, 16, 16)]}
-    assert not _identical_requests(mixed_sizes)
+    assert not identical_requests(mixed_sizes)
 
     rows = torch.rand(3, 2, 4)
-    expanded = _one_row_per_token(rows, 10)
+    expanded = one_row_per_token(rows, 10)
     assert expanded.shape == (10, 2, 4) and torch.equal(expanded[9], rows[0])
     assert expanded.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr()  # no copy
 
@@ -164,9 +164,9 @@ def test_a_built_task_computes_float32_at_vllms_configured_precision(monkeypatch
     TF32 on GPUs, inside float32 models); building a task puts vLLM's configured value back."""
     import terratorch.models  # noqa: F401 - the import that sets "medium"
 
-    from vllm_terratorch.config import parse_pretrained_cfg
-    from vllm_terratorch.factory import build_network
-    from vllm_terratorch.samples import sample_pretrained_cfg
+    from vllm_terratorch.core.config import parse_pretrained_cfg
+    from vllm_terratorch.core.factory import build_network
+    from vllm_terratorch.testing.samples import sample_pretrained_cfg
 
     spec = parse_pretrained_cfg(sample_pretrained_cfg("segmentation")).model
     before = torch.get_float32_matmul_precision()

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from vllm_terratorch.errors import ModelSourceError
-from vllm_terratorch.hub import resolve_model_dir
+from vllm_terratorch.core.hub import resolve_model_dir
 
 REPO = "ibm-nasa-geospatial/Prithvi-EO-2.0-300M-TL-Sen1Floods11"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_terratorch.config import InputSpec
-from vllm_terratorch.dummy import dummy_inputs
+from vllm_terratorch.core.config import InputSpec
+from vllm_terratorch.core.dummy import dummy_inputs
 from vllm_terratorch.errors import InputError
-from vllm_terratorch.inputs import validate_request_inputs
+from vllm_terratorch.core.inputs import validate_request_inputs
 
 SPEC = InputSpec.model_validate(
     {

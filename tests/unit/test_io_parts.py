@@ -10,7 +10,7 @@ from vllm_terratorch.errors import RequestError
 from vllm_terratorch.io.coords import centre_lat_lon
 from vllm_terratorch.io.geotiff import RasterLimits, encode_geotiff, read_geotiff
 from vllm_terratorch.io.schema import parse_request
-from vllm_terratorch.samples import write_sample_geotiff
+from vllm_terratorch.testing.samples import write_sample_geotiff
 
 MISSION = {"data": "https://example.org/x.tiff", "data_format": "url", "out_data_format": "path", "image_format": "geoTiff"}
 
@@ -46,7 +46,7 @@ def test_upstream_image_formats_are_accepted(image_format):
 
 
 def test_unknown_fields_are_ignored_and_logged(caplog):
-    from vllm_terratorch.compat import logger
+    from vllm_terratorch.log import logger
 
     logger.setLevel("DEBUG")
     logger.addHandler(caplog.handler)

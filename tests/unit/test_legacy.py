@@ -1,4 +1,4 @@
-"""Configs and checkpoints of older TerraTorch releases on the installed one (vllm_terratorch.legacy)."""
+"""Configs and checkpoints of older TerraTorch releases on the installed one (vllm_terratorch.core.legacy)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 from legacy_fixture import FIXTURE, expected_outputs, requests
 
-from vllm_terratorch import legacy
-from vllm_terratorch.config import load_config
-from vllm_terratorch.factory import build_network
-from vllm_terratorch.forward import ForwardPlan, task_output
-from vllm_terratorch.weights import load_folder_weights, match_state_dict
+from vllm_terratorch.core import legacy
+from vllm_terratorch.core.config import load_config
+from vllm_terratorch.core.factory import build_network
+from vllm_terratorch.core.forward import ForwardPlan, task_output
+from vllm_terratorch.core.weights import load_folder_weights, match_state_dict
 
 MISSION_ARGS = {
     "model_args": {

@@ -8,7 +8,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
-OURS = "vllm_terratorch.model.TerratorchModel"
+OURS = "vllm_terratorch.engine.model.TerratorchModel"
 
 SCRIPT = """
 import logging, sys
@@ -46,7 +46,7 @@ def test_entry_point_is_installed():
 def test_ours_wins_in_any_order_and_logs_once(order):
     served, log = served_by(order)
     assert served == OURS
-    assert log.count("architecture Terratorch is served by vllm_terratorch.model:TerratorchModel") == 1
+    assert log.count("architecture Terratorch is served by vllm_terratorch.engine.model:TerratorchModel") == 1
 
 
 def test_vllm_plugin_loading_picks_ours():
@@ -91,7 +91,7 @@ def test_io_processor_names_resolve_to_ours_although_terratorch_registers_them_t
 def test_steps_are_bounded_by_the_execute_timeout(monkeypatch, timeout_s, per_request_s, max_num_seqs, expected):
     from types import SimpleNamespace
 
-    from vllm_terratorch.compat import STEP_TIME_SHARE, limit_step_size
+    from vllm_terratorch.engine.compat import STEP_TIME_SHARE, limit_step_size
 
     monkeypatch.setenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", timeout_s)
     scheduler_config = SimpleNamespace(max_num_seqs=max_num_seqs)

@@ -219,7 +219,7 @@ def test_config_rejects_unknown_padding() -> None:
 
 
 def test_sample_config_shape() -> None:
-    # The shape vllm_terratorch.samples writes: half-tile overlap.
+    # The shape vllm_terratorch.testing.samples writes: half-tile overlap.
     config = tiling_from_config({"h_crop": 32, "w_crop": 32, "h_stride": 16, "w_stride": 16}, (32, 32))
     for height, width in itertools.product([31, 32, 33], repeat=2):
         image = _image(height, width, channels=1)

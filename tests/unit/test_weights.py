@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from vllm_terratorch.errors import ModelSourceError, WeightsError
-from vllm_terratorch.factory import build_network
-from vllm_terratorch.config import load_config
-from vllm_terratorch.samples import build_sample_task, sample_pretrained_cfg, write_model_folder
-from vllm_terratorch.weights import find_weight_files, load_checkpoint, match_state_dict, read_state_dict
+from vllm_terratorch.core.factory import build_network
+from vllm_terratorch.core.config import load_config
+from vllm_terratorch.testing.samples import build_sample_task, sample_pretrained_cfg, write_model_folder
+from vllm_terratorch.core.weights import find_weight_files, load_checkpoint, match_state_dict, read_state_dict
 
 CFG = sample_pretrained_cfg("segmentation", image_size=32)
 

@@ -30,7 +30,7 @@ import requests
 from PIL import Image
 from upstream_site import SCENES, MediaServer, build_site, phash, reference_classes, terratorch_written
 
-from vllm_terratorch.launcher import Server
+from vllm_terratorch.testing.launcher import Server
 
 pytestmark = pytest.mark.integration
 MODEL = "prithvi_300m_sen1floods11"

@@ -32,7 +32,7 @@ from PIL import Image
 from upstream_site import SCENES, MediaServer, build_site, reference_classes
 from vllm.entrypoints.pooling.pooling.protocol import IOProcessorResponse
 
-from vllm_terratorch.launcher import Server
+from vllm_terratorch.testing.launcher import Server
 
 pytestmark = pytest.mark.integration
 MODEL_DIR = "Prithvi-EO-2.0-300M-TL-Sen1Floods11"

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from reference import sliding_window, terratorch_location_coords  # noqa: E402
 
-from vllm_terratorch.samples import BANDS, build_sample_task, sample_pretrained_cfg, write_model_folder, write_sample_geotiff  # noqa: E402
+from vllm_terratorch.testing.samples import BANDS, build_sample_task, sample_pretrained_cfg, write_model_folder, write_sample_geotiff  # noqa: E402
 
 # The mission's Sen1Floods11 datamodule section: band names; files hold all 13 Sentinel-2 bands.
 SEN1FLOODS11_DATA = {

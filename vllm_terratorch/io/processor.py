@@ -27,8 +27,9 @@ import torch
 from vllm.plugins.io_processors.interface import IOProcessor
 from vllm.pooling_params import PoolingParams
 
-from vllm_terratorch.compat import logger, preprocess_off_the_event_loop
-from vllm_terratorch.config import pretrained_cfg_of
+from vllm_terratorch.engine.compat import preprocess_off_the_event_loop
+from vllm_terratorch.log import logger
+from vllm_terratorch.core.config import pretrained_cfg_of
 from vllm_terratorch.errors import ConfigError, RequestError
 from vllm_terratorch.io.coords import acquisition_date, centre_lat_lon, year_and_day
 from vllm_terratorch.io.geotiff import Raster, RasterHeader, RasterLimits, encode_geotiff, read_geotiff

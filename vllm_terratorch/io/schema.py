@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, field_validator
 
-from vllm_terratorch.compat import logger
+from vllm_terratorch.log import logger
 from vllm_terratorch.errors import RequestError
 
 DataFormat = Literal["url", "path", "b64_json"]

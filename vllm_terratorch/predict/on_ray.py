@@ -26,17 +26,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vllm_terratorch.predict import (
-    PROG,
-    Item,
-    PipelineStats,
-    Progress,
-    UsageError,
+from vllm_terratorch.errors import UsageError
+from vllm_terratorch.io.tiling import plan_tiles, tiling_from_config
+from vllm_terratorch.predict.args import PROG
+from vllm_terratorch.predict.engine import (
+    SceneEncoder,
     create_engine,
+    default_max_num_seqs,
+    engine_encode,
     engine_kwargs,
     shutdown_engine,
 )
-from vllm_terratorch.predict_tasks import ProcessorSpec
+from vllm_terratorch.predict.inputs import Item
+from vllm_terratorch.predict.report import PipelineStats, Progress, finish
+from vllm_terratorch.predict.tasks import ProcessorSpec, decode_scene, outputs_to_wire, write_prediction
 
 # Environment passed to every Ray worker (engine settings, Hub access, our IO settings).
 ENV_PREFIXES = ("VLLM_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "OMP_")
@@ -45,15 +48,11 @@ TASK_MEMORY = 256 * 1024 * 1024
 
 
 def _decode_row(row: dict[str, Any], spec: ProcessorSpec) -> dict[str, Any]:
-    from vllm_terratorch.predict_tasks import decode_scene
-
     decoded = decode_scene(spec, int(row["index"]), str(row["path"]))
     return {"index": int(row["index"]), "target": str(row["target"]), "payload": pickle.dumps(decoded, protocol=5)}
 
 
 def _write_row(row: dict[str, Any], spec: ProcessorSpec) -> dict[str, Any]:
-    from vllm_terratorch.predict_tasks import write_prediction
-
     inferred = pickle.loads(row["payload"])
     result = {"index": int(row["index"]), "ok": False, "error": None, "started": None, "finished": None,
               "tiles": -1, "engine_s": float(row["engine_s"]), "engine_start": float(row["engine_start"])}
@@ -66,39 +65,25 @@ def _write_row(row: dict[str, Any], spec: ProcessorSpec) -> dict[str, Any]:
 
 
 class EngineActor:
-    """One vLLM engine; each call encodes the tiles of a batch of decoded scenes together."""
+    """One vLLM engine; each call encodes the tiles of a batch of decoded scenes together (the same
+    `SceneEncoder` as local mode: bad scenes isolated, an engine death reported for every scene)."""
 
     def __init__(self, kwargs: dict[str, Any]) -> None:
         self.llm = create_engine(kwargs)
-        self.dtype = self.llm.llm_engine.vllm_config.model_config.dtype
+        self.encoder = SceneEncoder(engine_encode(self.llm), self.llm.llm_engine.vllm_config.model_config.dtype)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from vllm_terratorch.predict_tasks import build_prompts, describe_error, outputs_to_wire
-
         decoded = [pickle.loads(payload) for payload in batch["payload"]]
         good = [d for d in decoded if d["ok"]]
-        prompts_per_scene = [build_prompts(d, self.dtype) for d in good]
-        prompts = [prompt for scene in prompts_per_scene for prompt in scene]
-        busy, started = 0.0, time.time()
+        busy, started = self.encoder.busy_s, time.time()
         results: dict[int, dict[str, Any]] = {}
-        try:
-            outputs = self._encode(prompts)
-            busy = time.time() - started
-            offset = 0
-            for d, scene in zip(good, prompts_per_scene):
-                results[d["index"]] = {"ok": True, "outputs": outputs_to_wire(outputs[offset : offset + len(scene)]),
-                                       "pending": d["pending"], "started": d["started"]}
-                offset += len(scene)
-        except Exception as batch_error:  # noqa: BLE001 - isolate the bad scene(s)
-            for d, scene in zip(good, prompts_per_scene):
-                try:
-                    results[d["index"]] = {"ok": True, "outputs": outputs_to_wire(self._encode(scene)),
-                                           "pending": d["pending"], "started": d["started"]}
-                except Exception as error:  # noqa: BLE001
-                    results[d["index"]] = {"ok": False, "error": f"inference failed: {describe_error(error)}",
-                                           "started": d["started"]}
-            busy = time.time() - started
-            del batch_error
+        for d, result in zip(good, self.encoder.run(good), strict=True):
+            if result.ok:
+                results[d["index"]] = {"ok": True, "outputs": outputs_to_wire(result.outputs), "pending": d["pending"],
+                                       "started": d["started"]}
+            else:
+                results[d["index"]] = {"ok": False, "error": result.error, "started": d["started"]}
+        busy = self.encoder.busy_s - busy
         payloads, engine_s = [], []
         for position, d in enumerate(decoded):
             payloads.append(pickle.dumps(results.get(d["index"], d), protocol=5))
@@ -111,47 +96,30 @@ class EngineActor:
             "engine_start": [started] * len(decoded),
         }
 
-    def _encode(self, prompts: list[dict[str, Any]]) -> list[Any]:
-        if not prompts:
-            return []
-        outputs = [output.outputs.data for output in self.llm.encode(prompts, pooling_task="plugin", use_tqdm=False)]
-        if len(outputs) != len(prompts):
-            raise RuntimeError(f"the engine returned {len(outputs)} outputs for {len(prompts)} tiles")
-        return outputs
-
     def __del__(self) -> None:
         llm = getattr(self, "llm", None)
         if llm is not None:
             shutdown_engine(llm)
 
 
-def _scenes_per_batch(todo: list[Item], chunk_tiles: int, spec_tiles: tuple[int, int, int, int]) -> int:
+def _scenes_per_batch(todo: list[Item], chunk_tiles: int, model_dir: Path) -> int:
     """Scenes per actor call so that a call holds about `chunk_tiles` tiles (from input headers)."""
     import rasterio
 
-    h_crop, w_crop, h_stride, w_stride = spec_tiles
+    from vllm_terratorch.core.config import load_config
+
+    cfg = load_config(model_dir).pretrained_cfg
+    shape = cfg.input.data[cfg.input.image_input].shape
+    tiling = tiling_from_config(cfg.model.init_args.get("tiled_inference_parameters"), (shape[-2], shape[-1]))
     counts = []
     for item in todo[:32]:
         try:
             with rasterio.open(item.source) as source:
-                rows = max(1, math.ceil(max(source.height - h_crop, 0) / h_stride) + 1)
-                cols = max(1, math.ceil(max(source.width - w_crop, 0) / w_stride) + 1)
-                counts.append(rows * cols)
+                counts.append(len(plan_tiles(source.height, source.width, tiling).origins))
         except Exception:  # noqa: BLE001 - bad inputs are reported by the decode task
             continue
     average = sum(counts) / len(counts) if counts else 1.0
     return max(1, min(len(todo), int(chunk_tiles // max(average, 1.0))))
-
-
-def _tiling(model_dir: Path) -> tuple[int, int, int, int]:
-    from vllm_terratorch.config import load_config
-    from vllm_terratorch.io.tiling import tiling_from_config
-
-    cfg = load_config(model_dir).pretrained_cfg
-    spec = cfg.input
-    shape = spec.data[spec.image_input].shape
-    tiling = tiling_from_config(cfg.model.init_args.get("tiled_inference_parameters"), (shape[-2], shape[-1]))
-    return tiling.h_crop, tiling.w_crop, tiling.h_stride, tiling.w_stride
 
 
 def run_ray(args: argparse.Namespace, todo: list[Item], *, model_dir: Path, plugin: str,
@@ -186,8 +154,8 @@ def run_ray(args: argparse.Namespace, todo: list[Item], *, model_dir: Path, plug
         gpus = int(ray.cluster_resources().get("GPU", 0))
         replicas = args.replicas or max(1, gpus)
         kwargs = engine_kwargs(args, model_dir, engine_options)
-        chunk_tiles = args.chunk_tiles or 2 * (args.max_num_seqs or 256)
-        scenes_per_batch = _scenes_per_batch(todo, chunk_tiles, _tiling(model_dir))
+        chunk_tiles = args.chunk_tiles or 2 * (args.max_num_seqs or default_max_num_seqs())
+        scenes_per_batch = _scenes_per_batch(todo, chunk_tiles, model_dir)
         spec = ProcessorSpec(str(model_dir), plugin, "float64", args.indices)
         meta |= {"replicas": replicas, "gpus_per_replica": 1 if gpus else 0, "scenes_per_batch": scenes_per_batch,
                  "ray_address": args.ray_address or "local", "engine_options": {k: v for k, v in kwargs.items() if k != "model"}}
@@ -229,15 +197,7 @@ def run_ray(args: argparse.Namespace, todo: list[Item], *, model_dir: Path, plug
                 if row["ok"]:
                     stats.tiles += int(row["tiles"])
                     item.record["tiles"] = int(row["tiles"])
-                started = row["started"]
-                item.record.update(
-                    status="ok" if row["ok"] else "failed",
-                    error=row["error"] or None,
-                    seconds=round((row["finished"] or time.time()) - started, 4) if started else None,
-                )
-                if not row["ok"]:
-                    progress.message(f"{PROG}: failed: {item.source}: {row['error']}")
-                progress.done(bool(row["ok"]))
+                finish(item, progress, bool(row["ok"]), row["error"], row["started"], row["finished"])
         except KeyboardInterrupt:
             stats.interrupted = True
             progress.message(f"{PROG}: interrupted; stopping Ray (outputs are written whole or not at all)")

@@ -15,27 +15,21 @@ from pathlib import Path
 
 import torch
 
-from vllm_terratorch.errors import ModelSourceError
-from vllm_terratorch.factory import build_network
-from vllm_terratorch.generate import (
+from vllm_terratorch.errors import ModelSourceError, OutputExistsError
+from vllm_terratorch.core.factory import build_network
+from vllm_terratorch.cli.generate import (
     CONFIG_NAME,
-    OutputExistsError,
     file_mode,
     generate_config,
     write_config,
     write_text_atomic,
 )
-from vllm_terratorch.validate import Summary, backbone_name, parse_dtype, summarize
-from vllm_terratorch.weights import match_state_dict, read_state_dict
+from vllm_terratorch.cli.validate import Summary, backbone_name, parse_dtype, summarize
+from vllm_terratorch.core.weights import match_state_dict, read_state_dict
+from vllm_terratorch.registration import PLUGINS, kind_for_task
 
 WEIGHTS_NAME = "model.safetensors"
 README_NAME = "README.md"
-# Which of our IO processors fits which task (for the README's serve line).
-_PROCESSORS = {
-    "Segmentation": "terratorch_segmentation",
-    "Regression": "terratorch_regression",
-    "Classification": "terratorch_classification",
-}
 
 
 @dataclass
@@ -84,7 +78,8 @@ def _safetensors_ready(state: dict[str, torch.Tensor], dtype: torch.dtype | None
 
 def readme_text(folder: Path, class_path: str, backbone: str | None, ttconfig: Path, checkpoint: Path, tensors: int, dtype: str) -> str:
     """A short README stub: what the folder is and the mission's `vllm serve` line for it."""
-    processor = next((name for key, name in _PROCESSORS.items() if key in class_path), "terratorch_segmentation")
+    kind = kind_for_task(class_path)
+    processor = kind.plugin if kind is not None else "<one of: " + ", ".join(PLUGINS) + ">"
     return f"""# {folder.name}
 
 A TerraTorch model (`{class_path}`, backbone `{backbone or 'see config.json'}`) exported for serving

@@ -54,7 +54,7 @@ class _HFConfig:
 def processor_class(plugin: str) -> type:
     import importlib
 
-    from vllm_terratorch import IO_PROCESSORS
+    from vllm_terratorch.registration import IO_PROCESSORS
 
     qualname = IO_PROCESSORS[plugin]
     module, _, name = qualname.rpartition(".")

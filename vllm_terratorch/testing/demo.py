@@ -45,8 +45,8 @@ def write_preview(scene: Path, prediction: Path, target: Path) -> None:
 
 
 def run(output: Path, size: int, height: int, width: int) -> dict[str, object]:
-    from vllm_terratorch.launcher import DOCUMENTED, Server
-    from vllm_terratorch.samples import sample_pretrained_cfg, write_model_folder, write_sample_geotiff
+    from vllm_terratorch.testing.launcher import DOCUMENTED, Server
+    from vllm_terratorch.testing.samples import sample_pretrained_cfg, write_model_folder, write_sample_geotiff
 
     output = output.resolve()
     model, media, predictions = output / "model", output / "input", output / "predictions"
@@ -85,7 +85,7 @@ def run(output: Path, size: int, height: int, width: int) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vllm_terratorch.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m vllm_terratorch.testing.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path("demo-out"), help="folder for model, scene and results")
     parser.add_argument("--size", type=int, default=64, help="model input size (pixels)")
     parser.add_argument("--height", type=int, default=200, help="scene height (pixels)")

@@ -147,13 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_config(args: argparse.Namespace) -> int:
-    from vllm_terratorch.generate import generate_config, output_path, write_config
+    from vllm_terratorch.cli.generate import generate_config, output_path, write_config
 
     generated = generate_config(args.ttconfig, args.input)
     for note in generated.notes:
         print(note)
     if args.check:
-        from vllm_terratorch.validate import check_pretrained_cfg
+        from vllm_terratorch.cli.validate import check_pretrained_cfg
 
         summary = check_pretrained_cfg(generated.parsed.pretrained_cfg, source=args.ttconfig)
         print("check passed (network built offline with random weights, one dummy forward):")
@@ -164,7 +164,7 @@ def _run_config(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from vllm_terratorch.export import export_model
+    from vllm_terratorch.cli.export import export_model
 
     result = export_model(
         args.ttconfig, args.checkpoint, args.outdir,
@@ -179,7 +179,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    from vllm_terratorch.validate import parse_dtype, validate_model
+    from vllm_terratorch.cli.validate import parse_dtype, validate_model
 
     try:
         summary = validate_model(args.model, revision=args.revision, dtype=parse_dtype(args.dtype))
@@ -199,11 +199,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (argparse's own exits included) instead of exiting."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "serve":
-        from vllm_terratorch.vllm_cli import main as vllm_main
+        from vllm_terratorch.cli.serve import main as vllm_main
 
         return vllm_main(argv)
     if argv and argv[0] == "predict":  # its own parser: unknown options go to the vLLM engine
-        from vllm_terratorch.predict import main as predict_main
+        from vllm_terratorch.predict.main import main as predict_main
 
         return predict_main(argv[1:])
     parser = build_parser()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_terratorch.config import InputSpec
+from vllm_terratorch.core.config import InputSpec
 
 
 def dummy_inputs(spec: InputSpec, dtype: torch.dtype, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from vllm_terratorch.compat import logger
-from vllm_terratorch.forward import task_output
+from vllm_terratorch.log import logger
+from vllm_terratorch.core.forward import task_output
 
 # A tensor leaf's trailing shape and dtype: what a compiled graph is specialised on besides batch.
 Signature = tuple[tuple[tuple[int, ...], torch.dtype] | None, ...]

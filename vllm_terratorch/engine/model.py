@@ -1,220 +1,42 @@
 """The vLLM model class behind `--model-impl terratorch`.
 
-Request -> `TerratorchDataParser` (validate each request's tensors against the input spec, cast to
-the model dtype) -> vLLM batches the requests' tensors -> `TerratorchModel.forward` (one network
-call per batch, each request with its own tensors) -> `IdentityPooler` (the task output of each
-request is its pooled output, `o.outputs.data`).
+Request -> `TerratorchDataParser` (engine/multimodal.py: validate each request's tensors against the
+input spec, cast to the model dtype) -> vLLM batches the requests' tensors ->
+`TerratorchModel.forward` (one network call per batch, each request with its own tensors) ->
+`CroppingPooler` (the task output of each request is its pooled output, `o.outputs.data`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from functools import cached_property
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import BatchFeature
 from vllm.config import VllmConfig
-from vllm.inputs import MultiModalDataDict, MultiModalInput, mm_input
 from vllm.model_executor.layers.pooler import IdentityPooler
 from vllm.model_executor.models.interfaces import IsAttentionFree, MultiModalEmbeddings, SupportsMultiModal
 from vllm.model_executor.models.interfaces_base import attn_type
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems, PlaceholderRange
-from vllm.multimodal.parse import ModalityDataItems, MultiModalDataItems, MultiModalDataParser
-from vllm.multimodal.processing import (
-    BaseDummyInputsBuilder,
-    BaseMultiModalProcessor,
-    BaseProcessingInfo,
-    ProcessorInputs,
-    PromptUpdate,
-    TimingContext,
-)
 from vllm.sequence import IntermediateTensors
 
 from vllm_terratorch import envs
-from vllm_terratorch.compat import gpu_sync_allowed, logger, mm_hashes, skip_encoder_profiling
-from vllm_terratorch.compiled import CompiledForward
-from vllm_terratorch.config import InputSpec, PretrainedCfg, pretrained_cfg_of
-from vllm_terratorch.dummy import dummy_inputs
-from vllm_terratorch.factory import build_network
-from vllm_terratorch.forward import ForwardPlan, split_by_shape, task_output
-from vllm_terratorch.hub import resolve_model_dir
-from vllm_terratorch.inputs import validate_request_inputs
-from vllm_terratorch.weights import load_folder_weights
-
-MODALITY = "image"
-
-
-def _fields(spec: InputSpec, *, shared: bool) -> dict[str, MultiModalFieldConfig]:
-    """Field layout of the inputs: one item per request (`batched`), so that each request keeps its
-    own tensors when vLLM stacks a batch."""
-    return {
-        name: MultiModalFieldConfig.shared(MODALITY, batch_size=1) if shared else MultiModalFieldConfig.batched(MODALITY)
-        for name in spec.data
-    }
-
-
-class TensorInputItems(ModalityDataItems[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]):
-    """One request's model inputs (already validated against the input spec).
-
-    Not `DictEmbeddingItems`: these are raw inputs of the network, not precomputed embeddings that
-    bypass an encoder, so they need no `--enable-mm-embeds` (the mission's `vllm serve` line has
-    none) and the flag does not matter when given (vLLM's own Prithvi example sets it).
-    """
-
-    def get_count(self) -> int:
-        return 1
-
-    def get(self, index: int) -> Mapping[str, torch.Tensor]:
-        # IndexError past the one item ends iteration: ModalityDataItems iterates through
-        # __getitem__ (vLLM 0.26 hashes with `for item in data_items`).
-        if index not in (0, -1):
-            raise IndexError(f"one {MODALITY} item per request, no item {index}")
-        return self.data
-
-    def get_processor_data(self) -> Mapping[str, object]:
-        return {}
-
-    def get_passthrough_data(self) -> Mapping[str, object]:
-        return self.data
-
-
-class TerratorchDataParser(MultiModalDataParser):
-    """Accepts `{"image": {name: tensor, ...}}` (or the inner dict alone, as upstream did)."""
-
-    def __init__(self, spec: InputSpec, dtype: torch.dtype, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.spec = spec
-        self.dtype = dtype
-
-    def _parse_image_data(self, data: Any) -> ModalityDataItems[Any, Any] | None:
-        if isinstance(data, Mapping):
-            return TensorInputItems(validate_request_inputs(data, self.spec, self.dtype), MODALITY)
-        if isinstance(data, (list, tuple)) and len(data) == 1 and isinstance(data[0], Mapping):
-            return self._parse_image_data(data[0])
-        raise ValueError(
-            f"multi_modal_data['image'] must be a dict of tensors {list(self.spec.data)} "
-            f"(pretrained_cfg.input.data), got {type(data).__name__}"
-        )
-
-    def parse_mm_data(self, mm_data: MultiModalDataDict) -> MultiModalDataItems:
-        if MODALITY not in mm_data:
-            mm_data = {MODALITY: mm_data}  # type: ignore[dict-item]
-        return super().parse_mm_data(mm_data)
-
-
-class TerratorchProcessingInfo(BaseProcessingInfo):
-    @cached_property
-    def pretrained_cfg(self) -> PretrainedCfg:
-        return pretrained_cfg_of(self.get_hf_config(), self.ctx.model_config.model)
-
-    @property
-    def input_spec(self) -> InputSpec:
-        return self.pretrained_cfg.input
-
-    def get_data_parser(self) -> TerratorchDataParser:
-        return TerratorchDataParser(
-            self.input_spec, self.ctx.model_config.dtype, expected_hidden_size=self._get_expected_hidden_size()
-        )
-
-    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        return {MODALITY: None}
-
-
-class TerratorchDummyInputsBuilder(BaseDummyInputsBuilder[TerratorchProcessingInfo]):
-    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
-        return ""
-
-    def get_dummy_mm_data(
-        self,
-        seq_len: int,
-        mm_counts: Mapping[str, int],
-        mm_options: Any = None,  # per-modality options; differ between vLLM 0.26 and 0.32, unused
-    ) -> MultiModalDataDict:
-        # One request's inputs, in the model dtype; vLLM replicates the item for the batch
-        # sizes it profiles and moves it to the device.
-        return {MODALITY: dummy_inputs(self.info.input_spec, self.info.ctx.model_config.dtype)}
-
-
-class TerratorchMultiModalProcessor(BaseMultiModalProcessor[TerratorchProcessingInfo]):
-    requires_tokenizer = False
-
-    def _get_mm_fields_config(
-        self,
-        hf_inputs: BatchFeature,
-        hf_processor_mm_kwargs: Mapping[str, object],
-        *,
-        is_shared: bool = True,
-    ) -> Mapping[str, MultiModalFieldConfig]:
-        return _fields(self.info.input_spec, shared=is_shared)
-
-    def _get_prompt_updates(
-        self,
-        mm_items: MultiModalDataItems,
-        hf_processor_mm_kwargs: Mapping[str, object],
-        out_mm_kwargs: MultiModalKwargsItems,
-    ) -> Sequence[PromptUpdate]:
-        return []
-
-    def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext) -> MultiModalInput:
-        with timing_ctx.record("apply_hf_processor"):
-            # Our items are passthrough-only (no HF processor runs), so they are read directly
-            # rather than through the base class's private helpers, which differ between releases.
-            passthrough: dict[str, object] = {}
-            for items in inputs.mm_data_items.values():
-                passthrough.update(items.get_passthrough_data())
-            processed = BatchFeature({k: torch.as_tensor(v).unsqueeze(0) for k, v in passthrough.items()}, tensor_type="pt")
-        mm_kwargs = MultiModalKwargsItems.from_hf_inputs(
-            processed,
-            self._get_mm_fields_config(processed, inputs.hf_processor_mm_kwargs, is_shared=False),
-        )
-        with timing_ctx.record("get_mm_hashes"):
-            hashes = mm_hashes(inputs, self.info.model_id, self.info.ctx.get_mm_config())
-        return mm_input(
-            prompt_token_ids=[1],
-            mm_kwargs=mm_kwargs,
-            mm_hashes=hashes,
-            mm_placeholders={MODALITY: [PlaceholderRange(offset=0, length=0)]},
-        )
-
-
-def _identical_requests(inputs: Mapping[str, Any]) -> bool:
-    """Whether every request of the batch carries the same inputs (as vLLM's dummy requests do)."""
-    for value in inputs.values():
-        items = list(value) if isinstance(value, (torch.Tensor, list, tuple)) else [value]
-        first = items[0] if items else None
-        for item in items[1:]:
-            if not (isinstance(item, torch.Tensor) and isinstance(first, torch.Tensor)):
-                return False
-            if item.shape != first.shape or not torch.equal(item, first):
-                return False
-    return True
-
-
-def _one_row_per_token(rows: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """`num_tokens` rows, each the first request's output, without copying.
-
-    Served requests are one token each, so `forward` returns one row per request and token. Only
-    vLLM's profiling run (`_dummy_run(max_num_tokens)`, called at start-up by vLLM 0.26's CPU
-    runner and by the GPU runners) spreads `max_num_batched_tokens` tokens over `max_num_seqs`
-    requests and indexes the output per token. Those requests all carry the same dummy item, so
-    their outputs are equal and a zero-copy expansion of the first row answers every token,
-    without allocating `max_num_batched_tokens` outputs. The network itself still ran on the full
-    dummy batch, which is the memory profile that matters. (A batch padded with extra tokens whose
-    requests differ keeps its one row per request: vLLM reads only the first rows of it.)
-    """
-    return rows[:1].expand(num_tokens, *rows.shape[1:])
-
-
-def _pad_and_stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    shape = [max(sizes) for sizes in zip(*(t.shape for t in tensors))]
-    batch = tensors[0].new_zeros((len(tensors), *shape))
-    for row, tensor in zip(batch, tensors):
-        row[tuple(slice(0, size) for size in tensor.shape)] = tensor
-    return batch
+from vllm_terratorch.core.compiled import CompiledForward
+from vllm_terratorch.core.config import pretrained_cfg_of
+from vllm_terratorch.core.dummy import dummy_inputs
+from vllm_terratorch.core.factory import build_network
+from vllm_terratorch.core.forward import ForwardPlan, identical_requests, one_row_per_token, pad_and_stack, split_by_shape, task_output
+from vllm_terratorch.core.hub import resolve_model_dir
+from vllm_terratorch.core.weights import load_folder_weights
+from vllm_terratorch.engine.compat import gpu_sync_allowed, skip_encoder_profiling
+from vllm_terratorch.engine.multimodal import (
+    MODALITY,
+    TerratorchDummyInputsBuilder,
+    TerratorchMultiModalProcessor,
+    TerratorchProcessingInfo,
+)
+from vllm_terratorch.log import logger
 
 
 class CroppingPooler(IdentityPooler):
@@ -301,8 +123,8 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
     ) -> torch.Tensor | list[torch.Tensor]:
         rows = self._forward_requests(inputs, positions.device)
         num_tokens = positions.shape[0]
-        if num_tokens > len(rows) and _identical_requests(inputs):
-            return _one_row_per_token(rows, num_tokens)
+        if num_tokens > len(rows) and identical_requests(inputs):
+            return one_row_per_token(rows, num_tokens)
         return rows
 
     def _forward_requests(self, inputs: dict[str, Any], device: torch.device) -> torch.Tensor:
@@ -323,7 +145,7 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         # vLLM's runner needs one tensor: pad to a common shape, and let the pooler crop each
         # request's output back to its own shape.
         self.pooler.pending_shapes = [tuple(out.shape) for out in results]
-        return _pad_and_stack(results)
+        return pad_and_stack(results)
 
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any], count: int) -> torch.Tensor:
         """One network call; a failure fails only these requests (NaN outputs), not the engine.

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from vllm_terratorch.errors import ModelSourceError, WeightsError
-from vllm_terratorch.legacy import rename_checkpoint_keys
+from vllm_terratorch.core.legacy import rename_checkpoint_keys
 
 logger = logging.getLogger(__name__)
 

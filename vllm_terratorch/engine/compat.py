@@ -10,93 +10,30 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from vllm_terratorch.config import ARCHITECTURE
+from vllm_terratorch.core.config import ARCHITECTURE
+from vllm_terratorch.log import logger
 
-logger = logging.getLogger("vllm_terratorch")
-
-MODEL_CLASS = "vllm_terratorch.model:TerratorchModel"
-_GUARD_MARK = "_vllm_terratorch_guard"
+GUARD_MARK = "_vllm_terratorch_guard"
 
 
-def attach_to_vllm_logging() -> None:
-    """Show our log lines in vLLM's log, formatted like vLLM's own.
+def wrap_once(owner: Any, name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> bool:
+    """Replace `owner.name` with `wrap(current)`, once per process; True if it was replaced now.
 
-    vLLM (0.32) configures handlers on the `vllm` logger only, and only once an engine or server
-    starts, which may be after plugins load. Making `vllm` the parent of our package logger routes
-    our records through whatever handlers and level vLLM has at the time they are emitted.
+    Why one helper: every shim patches a vLLM attribute that a release may not have (then nothing
+    is done) and must not wrap itself twice, because `register()` runs many times per process.
     """
-    ours = logging.getLogger("vllm_terratorch")
-    ours.parent = logging.getLogger("vllm")
-
-
-def claim_architecture() -> bool:
-    """Register our class for `Terratorch` and keep it there; True the first time in a process.
-
-    vLLM's `ModelRegistry.register_model` silently replaces an earlier registration, and general
-    plugins run in entry-point order, so TerraTorch's own `terratorch_fix` plugin could replace us
-    (or be replaced by us) depending on install order. We register, then wrap the registry
-    instance's `register_model` so later registrations of `Terratorch` are ignored (and logged):
-    the result no longer depends on plugin order. Other architectures pass through untouched.
-    (vLLM 0.26 and 0.32: `ModelRegistry` is a `_ModelRegistry` instance with `register_model`.)
-    """
-    from vllm.model_executor.models.registry import ModelRegistry
-
-    current = ModelRegistry.register_model
-    if getattr(current, _GUARD_MARK, False):
+    current = getattr(owner, name, None) if owner is not None else None
+    if current is None or getattr(current, GUARD_MARK, False):
         return False
-    current(ARCHITECTURE, MODEL_CLASS)
-
-    @functools.wraps(current)
-    def guarded(model_arch: str, model_cls: Any) -> None:
-        if model_arch == ARCHITECTURE and model_cls != MODEL_CLASS:
-            logger.info(
-                "vllm-terratorch: ignoring a later registration of %s -> %s; %s keeps serving it",
-                model_arch,
-                getattr(model_cls, "__qualname__", model_cls),
-                MODEL_CLASS,
-            )
-            return
-        current(model_arch, model_cls)
-
-    setattr(guarded, _GUARD_MARK, True)
-    ModelRegistry.register_model = guarded  # type: ignore[method-assign]
+    wrapped = functools.wraps(current)(wrap(current))
+    setattr(wrapped, GUARD_MARK, True)
+    setattr(owner, name, wrapped)
     return True
-
-
-def claim_io_processors(processors: dict[str, str]) -> None:
-    """Make our IO processors answer to their names, even where TerraTorch registers the same ones.
-
-    vLLM resolves `--io-processor-plugin NAME` through a dict built from the entry points in
-    iteration order, so with TerraTorch installed, `terratorch_segmentation` would be whichever
-    distribution the importer lists last. We wrap the loader that `get_io_processor` calls so
-    that our names map to our classes; plugins filtered out by VLLM_PLUGINS stay filtered out.
-    (vLLM 0.26 and 0.32: `vllm.plugins.io_processors` imports `load_plugins_by_group`.)
-    """
-    from vllm.plugins import IO_PROCESSOR_PLUGINS_GROUP
-    from vllm.plugins import io_processors
-
-    current = io_processors.load_plugins_by_group
-    if getattr(current, _GUARD_MARK, False):
-        return
-
-    @functools.wraps(current)
-    def guarded(group: str) -> dict[str, Any]:
-        plugins = current(group)
-        if group == IO_PROCESSOR_PLUGINS_GROUP:
-            for name, qualname in processors.items():
-                if name in plugins:
-                    plugins[name] = functools.partial(str, qualname)
-                    logger.info("vllm-terratorch: IO processor %s is served by %s", name, qualname)
-        return plugins
-
-    setattr(guarded, _GUARD_MARK, True)
-    io_processors.load_plugins_by_group = guarded  # type: ignore[assignment]
 
 
 def float32_on_cpu_by_default() -> None:
@@ -115,27 +52,24 @@ def float32_on_cpu_by_default() -> None:
     import torch
     from vllm.config import model as model_config
 
-    current = getattr(model_config, "_get_and_verify_dtype", None)
-    if current is None or getattr(current, _GUARD_MARK, False):
-        return
+    def wrap(current: Callable[..., Any]) -> Callable[..., Any]:
+        def resolved(model_id: str, config: Any, dtype: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(dtype, str) and dtype.lower() == "auto" and ARCHITECTURE in (getattr(config, "architectures", None) or []):
+                from vllm.platforms import current_platform
 
-    @functools.wraps(current)
-    def resolved(model_id: str, config: Any, dtype: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(dtype, str) and dtype.lower() == "auto" and ARCHITECTURE in (getattr(config, "architectures", None) or []):
-            from vllm.platforms import current_platform
+                declared = config.__dict__.get("dtype", config.__dict__.get("torch_dtype"))
+                if current_platform.is_cpu() and declared in (None, "float32", torch.float32):
+                    logger.info(
+                        "vllm-terratorch: serving %s in float32 on CPU (vLLM's default would be float16, several "
+                        "times slower here); pass --dtype float16 or bfloat16 to override",
+                        model_id,
+                    )
+                    dtype = "float32"
+            return current(model_id, config, dtype, *args, **kwargs)
 
-            declared = config.__dict__.get("dtype", config.__dict__.get("torch_dtype"))
-            if current_platform.is_cpu() and declared in (None, "float32", torch.float32):
-                logger.info(
-                    "vllm-terratorch: serving %s in float32 on CPU (vLLM's default would be float16, several "
-                    "times slower here); pass --dtype float16 or bfloat16 to override",
-                    model_id,
-                )
-                dtype = "float32"
-        return current(model_id, config, dtype, *args, **kwargs)
+        return resolved
 
-    setattr(resolved, _GUARD_MARK, True)
-    model_config._get_and_verify_dtype = resolved
+    wrap_once(model_config, "_get_and_verify_dtype", wrap)
 
 
 class _PrecomputedRequests:
@@ -170,21 +104,21 @@ def preprocess_off_the_event_loop() -> None:
     PoolingBaseServing = getattr(serving, "PoolingBaseServing", None)  # noqa: N806 - a class
     if PoolingBaseServing is None:
         return
-    current = getattr(PoolingBaseServing, "_preprocessing", None)
-    if current is None or getattr(current, _GUARD_MARK, False) or not inspect.iscoroutinefunction(current):
-        return
+    if not inspect.iscoroutinefunction(getattr(PoolingBaseServing, "_preprocessing", None)):
+        return  # vLLM 0.26: a plain function, already run off the loop
 
-    @functools.wraps(current)
-    async def preprocessing(self: Any, io_processor: Any, ctx: Any) -> Any:
-        executor = getattr(getattr(io_processor, "io_processor", None), "io_executor", None)
-        if executor is None:
-            return await current(self, io_processor, ctx)
-        loop = asyncio.get_running_loop()
-        requests = await loop.run_in_executor(executor, io_processor.get_request_factory_online, ctx)
-        return await current(self, _PrecomputedRequests(io_processor, requests), ctx)
+    def wrap(current: Callable[..., Any]) -> Callable[..., Any]:
+        async def preprocessing(self: Any, io_processor: Any, ctx: Any) -> Any:
+            executor = getattr(getattr(io_processor, "io_processor", None), "io_executor", None)
+            if executor is None:
+                return await current(self, io_processor, ctx)
+            loop = asyncio.get_running_loop()
+            requests = await loop.run_in_executor(executor, io_processor.get_request_factory_online, ctx)
+            return await current(self, _PrecomputedRequests(io_processor, requests), ctx)
 
-    setattr(preprocessing, _GUARD_MARK, True)
-    PoolingBaseServing._preprocessing = preprocessing  # type: ignore[method-assign]
+        return preprocessing
+
+    wrap_once(PoolingBaseServing, "_preprocessing", wrap)
 
 
 # A step may use this share of vLLM's execute-model timeout; the rest is margin, because later steps
@@ -219,27 +153,24 @@ def steps_within_the_execute_timeout() -> None:
     """
     core = sys.modules.get("vllm.v1.engine.core")
     EngineCore = getattr(core, "EngineCore", None)  # noqa: N806 - a class
-    current = getattr(EngineCore, "_initialize_kv_caches", None)
-    if current is None or getattr(current, _GUARD_MARK, False):
-        return
+    def wrap(current: Callable[..., Any]) -> Callable[..., Any]:
+        def initialize_kv_caches(self: Any, vllm_config: Any) -> Any:
+            result = current(self, vllm_config)
+            if ARCHITECTURE in (getattr(vllm_config.model_config.hf_config, "architectures", None) or []):
+                try:
+                    batch = min(MEASURED_BATCH, vllm_config.scheduler_config.max_num_seqs)
+                    measured = [s for s in self.model_executor.collective_rpc(_seconds_per_request, args=(batch,)) if s]
+                except Exception as error:  # noqa: BLE001 - a missing measurement must not stop the engine
+                    logger.warning("vllm-terratorch: could not read the profiled step time (%s); steps are not bounded", error)
+                    return result
+                logger.debug("vllm-terratorch: profiled forward per request: %s s", measured)
+                if measured:
+                    limit_step_size(vllm_config.scheduler_config, max(measured))
+            return result
 
-    @functools.wraps(current)
-    def initialize_kv_caches(self: Any, vllm_config: Any) -> Any:
-        result = current(self, vllm_config)
-        if ARCHITECTURE in (getattr(vllm_config.model_config.hf_config, "architectures", None) or []):
-            try:
-                batch = min(MEASURED_BATCH, vllm_config.scheduler_config.max_num_seqs)
-                measured = [s for s in self.model_executor.collective_rpc(_seconds_per_request, args=(batch,)) if s]
-            except Exception as error:  # noqa: BLE001 - a missing measurement must not stop the engine
-                logger.warning("vllm-terratorch: could not read the profiled step time (%s); steps are not bounded", error)
-                return result
-            logger.debug("vllm-terratorch: profiled forward per request: %s s", measured)
-            if measured:
-                limit_step_size(vllm_config.scheduler_config, max(measured))
-        return result
+        return initialize_kv_caches
 
-    setattr(initialize_kv_caches, _GUARD_MARK, True)
-    EngineCore._initialize_kv_caches = initialize_kv_caches  # type: ignore[method-assign]
+    wrap_once(EngineCore, "_initialize_kv_caches", wrap)
 
 
 def limit_step_size(scheduler_config: Any, seconds_per_request: float) -> None:

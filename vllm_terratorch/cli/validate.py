@@ -15,13 +15,13 @@ from typing import Any
 import torch
 
 from vllm_terratorch import envs
-from vllm_terratorch.config import PretrainedCfg, load_config
-from vllm_terratorch.dummy import dummy_inputs
+from vllm_terratorch.core.config import PretrainedCfg, load_config
+from vllm_terratorch.core.dummy import dummy_inputs
 from vllm_terratorch.errors import ConfigError, InputError, WeightsError
-from vllm_terratorch.factory import build_network
-from vllm_terratorch.forward import ForwardPlan, task_output
-from vllm_terratorch.hub import resolve_model_dir
-from vllm_terratorch.weights import find_weight_files, load_folder_weights
+from vllm_terratorch.core.factory import build_network
+from vllm_terratorch.core.forward import ForwardPlan, task_output
+from vllm_terratorch.core.hub import resolve_model_dir
+from vllm_terratorch.core.weights import find_weight_files, load_folder_weights
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,

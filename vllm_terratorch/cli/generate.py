@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from vllm_terratorch.config import ARCHITECTURE, TerratorchConfig, parse_config
-from vllm_terratorch.errors import ConfigError, ModelSourceError, TerratorchError
+from vllm_terratorch.core.config import ARCHITECTURE, TerratorchConfig, parse_config
+from vllm_terratorch.errors import ConfigError, ModelSourceError, OutputExistsError
 
 # YAML sections that describe the model and its data; the rest (trainer, optimizer, ckpt_path)
 # only matters for training.
@@ -31,10 +31,6 @@ CONFIG_NAME = "config.json"
 DEFAULT_IMAGE_SIZE = 224
 _BAND_KEYS = ("output_bands", "bands", "dataset_bands")
 _SIZE_KEYS = ("img_size", "image_size", "crop_size", "tile_size", "patch_size")
-
-
-class OutputExistsError(TerratorchError, FileExistsError):
-    """An output file or folder already exists and `--force` was not given."""
 
 
 @dataclass

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from vllm_terratorch import envs
-from vllm_terratorch.config import TaskSpec
+from vllm_terratorch.core.config import TaskSpec
 from vllm_terratorch.errors import ModelBuildError
-from vllm_terratorch.legacy import translate_init_args
+from vllm_terratorch.core.legacy import translate_init_args
 
 logger = logging.getLogger(__name__)
 

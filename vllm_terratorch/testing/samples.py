@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 import torch
 
-from vllm_terratorch.config import parse_config
-from vllm_terratorch.factory import build_task
+from vllm_terratorch.core.config import parse_config
+from vllm_terratorch.core.factory import build_task
 
 SampleTask = Literal["segmentation", "regression", "classification"]
 WeightFormat = Literal["ckpt", "pt", "state_dict", "safetensors"]

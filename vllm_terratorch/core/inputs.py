@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vllm_terratorch.config import InputSpec
+from vllm_terratorch.core.config import InputSpec
 from vllm_terratorch.errors import InputError
 
 # Trailing dims of image-like inputs (rank >= 3) are spatial; they may differ from the spec

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from vllm_terratorch.config import InputSpec
+from vllm_terratorch.core.config import InputSpec
 from vllm_terratorch.errors import ConfigError, InputError
 
 
@@ -150,3 +150,39 @@ def split_by_shape(
         (indices, {name: torch.stack([items[name][i] for i in indices]) for name in names})
         for indices in groups.values()
     ]
+
+
+def identical_requests(inputs: Mapping[str, Any]) -> bool:
+    """Whether every request of the batch carries the same inputs (as vLLM's dummy requests do)."""
+    for value in inputs.values():
+        items = list(value) if isinstance(value, (torch.Tensor, list, tuple)) else [value]
+        first = items[0] if items else None
+        for item in items[1:]:
+            if not (isinstance(item, torch.Tensor) and isinstance(first, torch.Tensor)):
+                return False
+            if item.shape != first.shape or not torch.equal(item, first):
+                return False
+    return True
+
+
+def one_row_per_token(rows: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """`num_tokens` rows, each the first request's output, without copying.
+
+    Served requests are one token each, so `forward` returns one row per request and token. Only
+    vLLM's profiling run (`_dummy_run(max_num_tokens)`, called at start-up by vLLM 0.26's CPU
+    runner and by the GPU runners) spreads `max_num_batched_tokens` tokens over `max_num_seqs`
+    requests and indexes the output per token. Those requests all carry the same dummy item, so
+    their outputs are equal and a zero-copy expansion of the first row answers every token,
+    without allocating `max_num_batched_tokens` outputs. The network itself still ran on the full
+    dummy batch, which is the memory profile that matters. (A batch padded with extra tokens whose
+    requests differ keeps its one row per request: vLLM reads only the first rows of it.)
+    """
+    return rows[:1].expand(num_tokens, *rows.shape[1:])
+
+
+def pad_and_stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    shape = [max(sizes) for sizes in zip(*(t.shape for t in tensors))]
+    batch = tensors[0].new_zeros((len(tensors), *shape))
+    for row, tensor in zip(batch, tensors):
+        row[tuple(slice(0, size) for size in tensor.shape)] = tensor
+    return batch
