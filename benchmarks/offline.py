@@ -34,6 +34,9 @@ from typing import Any
 
 import torch
 
+from vllm_terratorch import envs
+from vllm_terratorch.core.inputs import tensor_prompt
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, summary, write_results  # noqa: E402
 
@@ -236,7 +239,7 @@ def time_engine(
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    prompts = [{"prompt_token_ids": [1], "multi_modal_data": {"image": dict(i)}} for i in inputs]
+    prompts = [tensor_prompt(i) for i in inputs]
     try:
         return timed(lambda: [o.outputs.data for o in llm.encode(prompts, pooling_task="plugin", use_tqdm=False)], repeats)
     finally:
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [p for p in paths if p.partition("=")[0] not in PATHS]
     if unknown:
         parser.error(f"unknown path(s) {unknown}; choose from {', '.join(PATHS)} (compiled paths may add =MODE)")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    envs.engine_environment()
     from tqdm import tqdm
 
     image_size = args.image_size or MODELS[args.model]["image_size"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
 
 from vllm_terratorch.errors import ConfigError
 
@@ -70,3 +71,14 @@ def float32_matmul_precision() -> str:
             f"VLLM_FLOAT32_MATMUL_PRECISION={value!r} is not a precision; use one of {', '.join(FLOAT32_PRECISIONS)}"
         )
     return value
+
+
+# vLLM's CPU builds reserve 4 GiB of KV cache by default; an attention-free model needs none.
+ENGINE_ENVIRONMENT = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def engine_environment(environment: MutableMapping[str, str] = os.environ) -> MutableMapping[str, str]:
+    """Our defaults for an engine's environment (the caller's own values win); returns `environment`."""
+    for name, value in ENGINE_ENVIRONMENT.items():
+        environment.setdefault(name, value)
+    return environment

@@ -22,17 +22,31 @@ class TaskKind:
     """One kind of TerraTorch task we serve: its IO processor and what a prediction is saved as."""
 
     plugin: str  # the IO processor's name (TerraTorch's, so documented commands keep working)
-    processor: str  # qualified name of our class behind it
+    processor: str  # qualified name of our class behind it (a vLLM IOProcessor)
+    pipeline: str  # qualified name of the vLLM-free GeoTIFF pipeline it wraps (what `predict` runs)
     tasks: tuple[str, ...]  # TerraTorch task classes (last component of pretrained_cfg.model.class_path)
     suffix: str  # file suffix of a saved prediction (`predict`)
 
 
 TASK_KINDS = (
-    TaskKind("terratorch_segmentation", "vllm_terratorch.io.processor.SegmentationProcessor", ("SemanticSegmentationTask",), ".tif"),
-    TaskKind("terratorch_regression", "vllm_terratorch.io.processor.RegressionProcessor", ("PixelwiseRegressionTask",), ".tif"),
+    TaskKind(
+        "terratorch_segmentation",
+        "vllm_terratorch.io.processor.SegmentationProcessor",
+        "vllm_terratorch.io.pipeline.SegmentationPipeline",
+        ("SemanticSegmentationTask",),
+        ".tif",
+    ),
+    TaskKind(
+        "terratorch_regression",
+        "vllm_terratorch.io.processor.RegressionProcessor",
+        "vllm_terratorch.io.pipeline.RegressionPipeline",
+        ("PixelwiseRegressionTask",),
+        ".tif",
+    ),
     TaskKind(
         "terratorch_classification",
         "vllm_terratorch.io.processor.ClassificationProcessor",
+        "vllm_terratorch.io.pipeline.ClassificationPipeline",
         ("ClassificationTask", "MultiLabelClassificationTask"),
         ".json",
     ),
@@ -43,6 +57,14 @@ PLUGINS = tuple(IO_PROCESSORS)
 
 def task_kind(plugin: str) -> TaskKind:
     return next(kind for kind in TASK_KINDS if kind.plugin == plugin)
+
+
+def pipeline_class(plugin: str) -> type:
+    """The GeoTIFF pipeline class behind IO processor `plugin` (imports no vLLM)."""
+    import importlib
+
+    module, _, name = task_kind(plugin).pipeline.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def kind_for_task(class_path: str) -> TaskKind | None:

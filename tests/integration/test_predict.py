@@ -173,11 +173,7 @@ class StandInEngine:
     """What predict uses of `LLM`: the engine's config and `encode`; optionally Ctrl-C on call N."""
 
     def __init__(self, model_dir: Path, interrupt_on_call: int | None = None, nan_on_call: int | None = None) -> None:
-        from vllm_terratorch.predict.tasks import _HFConfig
-
-        config = json.loads((model_dir / "config.json").read_text())
-        model_config = SimpleNamespace(hf_config=_HFConfig(config), model=str(model_dir), dtype=torch.float32,
-                                       allowed_local_media_path=None, allowed_media_domains=None)
+        model_config = SimpleNamespace(model=str(model_dir), dtype=torch.float32)
         scheduler_config = SimpleNamespace(max_num_seqs=2)
         self.llm_engine = SimpleNamespace(vllm_config=SimpleNamespace(model_config=model_config, scheduler_config=scheduler_config))
         self.interrupt_on_call = interrupt_on_call
@@ -287,15 +283,15 @@ def test_scenes_prepared_ahead_equal_prepare_at_the_engine_dtype(tmp_path, dtype
     """Workers prepare at float64 before the engine's dtype is known; cast then, the engine gets
     exactly the tensors the IO processor's `prepare` makes at that dtype (as the server does)."""
     from vllm_terratorch.io.schema import GeoTiffRequest
-    from vllm_terratorch.predict.tasks import ProcessorSpec, build_prompts, decode_scene, get_processor
+    from vllm_terratorch.predict.tasks import ProcessorSpec, build_prompts, decode_scene, get_pipeline
 
     model = write_model_folder(tmp_path / "model", CFG)
     scene = write_sample_geotiff(tmp_path / "scene.tif", 100, 130, seed=3)
     decoded = decode_scene(ProcessorSpec(str(model), "terratorch_segmentation", "float64"), 0, str(scene))
     ours = build_prompts(decoded, dtype)
-    processor = get_processor(ProcessorSpec(str(model), "terratorch_segmentation", str(dtype).removeprefix("torch.")))
+    pipeline = get_pipeline(ProcessorSpec(str(model), "terratorch_segmentation", str(dtype).removeprefix("torch.")))
     request = GeoTiffRequest(data=str(scene), data_format="path", out_data_format="path")
-    reference = processor.prepare(scene.read_bytes(), request, "reference")
+    reference, _ = pipeline.prepare(scene.read_bytes(), request)
     assert len(ours) == len(reference) == 6  # 2 x 3 overlapping tiles
     for got, expected in zip(ours, reference):
         got, expected = got["multi_modal_data"]["image"], expected["multi_modal_data"]["image"]

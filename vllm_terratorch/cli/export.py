@@ -19,14 +19,14 @@ from vllm_terratorch.errors import ModelSourceError, OutputExistsError
 from vllm_terratorch.core.factory import build_network
 from vllm_terratorch.cli.generate import (
     CONFIG_NAME,
-    file_mode,
     generate_config,
     write_config,
-    write_text_atomic,
 )
-from vllm_terratorch.cli.validate import Summary, backbone_name, parse_dtype, summarize
+from vllm_terratorch.cli.validate import Summary, backbone_name, summarize
+from vllm_terratorch.core.dtypes import dtype_name, parse_dtype
 from vllm_terratorch.core.weights import match_state_dict, read_state_dict
 from vllm_terratorch.registration import PLUGINS, kind_for_task
+from vllm_terratorch.files import write_atomically
 
 WEIGHTS_NAME = "model.safetensors"
 README_NAME = "README.md"
@@ -124,8 +124,7 @@ def export_model(
     network = build_network(pretrained.model)
     matched = match_state_dict(read_state_dict(checkpoint), network.state_dict(), strict=True, source=str(checkpoint))
     tensors = _safetensors_ready(matched, cast)
-    stored = str(cast or next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32))
-    stored = stored.removeprefix("torch.")
+    stored = dtype_name(cast or next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32))
     summary = None
     if check:
         network.load_state_dict(tensors, strict=True)
@@ -143,13 +142,7 @@ def _write(outdir: Path, config: dict, tensors: dict[str, torch.Tensor], readme:
     """Weights first, config last: a folder with a config.json is complete."""
     from safetensors.torch import save_file
 
-    outdir.mkdir(parents=True, exist_ok=True)
-    temporary = outdir / f".{WEIGHTS_NAME}.tmp"
-    try:
-        save_file(tensors, str(temporary), metadata={"format": "pt", "exported_by": "vllm-terratorch"})
-        os.chmod(temporary, file_mode())
-        os.replace(temporary, outdir / WEIGHTS_NAME)
-    finally:
-        temporary.unlink(missing_ok=True)
-    write_text_atomic(outdir / README_NAME, readme)
+    metadata = {"format": "pt", "exported_by": "vllm-terratorch"}
+    write_atomically(outdir / WEIGHTS_NAME, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
+    write_atomically(outdir / README_NAME, readme)
     write_config(config, outdir / CONFIG_NAME, force=True)

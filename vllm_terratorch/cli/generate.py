@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import yaml
 
 from vllm_terratorch.core.config import ARCHITECTURE, TerratorchConfig, parse_config
 from vllm_terratorch.errors import ConfigError, ModelSourceError, OutputExistsError
+from vllm_terratorch.files import write_atomically
 
 # YAML sections that describe the model and its data; the rest (trainer, optimizer, ckpt_path)
 # only matters for training.
@@ -239,27 +239,6 @@ def output_path(ttconfig_path: str | os.PathLike[str], output: str | os.PathLike
     return path / CONFIG_NAME if path.is_dir() else path
 
 
-def file_mode() -> int:
-    """Permissions of a plain new file (0o666 less the umask); temporary files start as 0o600."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder, so a failure never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.chmod(temporary, file_mode())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_config(config: Mapping[str, Any], path: Path, *, force: bool = False, protect: Path | None = None) -> Path:
     """Write `config.json`; an existing file is replaced only with `force`, the YAML never."""
     if protect is not None and path.resolve() == Path(protect).resolve():
@@ -268,5 +247,5 @@ def write_config(config: Mapping[str, Any], path: Path, *, force: bool = False, 
         raise OutputExistsError(f"{path} already exists; pass --force to replace it, or -o to write elsewhere")
     if path.is_dir():
         raise OutputExistsError(f"{path} is a folder; pass a file name with -o")
-    write_text_atomic(path, json.dumps(config, indent=2) + "\n")
+    write_atomically(path, json.dumps(config, indent=2) + "\n")
     return path

@@ -68,50 +68,51 @@ def _wrap(text: str) -> str:
     return textwrap.fill(text, width=88)
 
 
-def _add_config_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "config",
-        help="write a servable config.json from a TerraTorch YAML",
-        description=_wrap("Write config.json (architectures Terratorch, num_classes 0, pretrained_cfg with the input "
-        "spec and the YAML's seed_everything, model and data sections), validated as the server validates it."),
-        epilog=CONFIG_EXAMPLES,
-        formatter_class=_Formatter,
-    )
+def _documented(commands: argparse._SubParsersAction, name: str, summary: str, examples: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand with a one-line summary, a wrapped description and an examples epilog."""
+    return commands.add_parser(name, help=summary, description=_wrap(description), epilog=examples, formatter_class=_Formatter)
+
+
+def _add_yaml_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model YAML and the input spec, as `config` and `export` both take them."""
     parser.add_argument("--ttconfig", required=True, help="TerraTorch (LightningCLI) model YAML")
     parser.add_argument("-i", "--input", help=INPUT_HELP)
+
+
+def _add_config_parser(commands: argparse._SubParsersAction) -> None:
+    parser = _documented(
+        commands, "config", "write a servable config.json from a TerraTorch YAML", CONFIG_EXAMPLES,
+        "Write config.json (architectures Terratorch, num_classes 0, pretrained_cfg with the input spec and the "
+        "YAML's seed_everything, model and data sections), validated as the server validates it.",
+    )
+    _add_yaml_arguments(parser)
     parser.add_argument("-o", "--output", help="where to write (a file, or a folder for FOLDER/config.json); default: config.json beside the YAML")
     parser.add_argument("--force", action="store_true", help="replace an existing output file")
     parser.add_argument("--check", action="store_true", help="also build the network (offline, random weights) and run one dummy forward")
 
 
 def _add_export_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "export",
-        help="write a servable folder (config.json + model.safetensors) from a YAML and a checkpoint",
-        description=_wrap("Read the checkpoint without executing anything in it, keep the network's weights only "
-        "(strictly matched to the network the YAML builds), run one dummy forward, and write config.json, "
-        "model.safetensors and a README.md into OUTDIR."),
-        epilog=EXPORT_EXAMPLES,
-        formatter_class=_Formatter,
+    parser = _documented(
+        commands, "export", "write a servable folder (config.json + model.safetensors) from a YAML and a checkpoint",
+        EXPORT_EXAMPLES,
+        "Read the checkpoint without executing anything in it, keep the network's weights only (strictly matched "
+        "to the network the YAML builds), run one dummy forward, and write config.json, model.safetensors and a "
+        "README.md into OUTDIR.",
     )
     parser.add_argument("outdir", metavar="OUTDIR", help="folder to write (new or empty, unless --force)")
-    parser.add_argument("--ttconfig", required=True, help="TerraTorch (LightningCLI) model YAML")
+    _add_yaml_arguments(parser)
     parser.add_argument("--checkpoint", required=True, help="trained weights: Lightning .ckpt, .pt/.pth state dict or .safetensors")
-    parser.add_argument("-i", "--input", help=INPUT_HELP)
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast floating-point weights (default: keep the checkpoint's)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty OUTDIR (replacing our three files)")
     parser.add_argument("--skip-check", action="store_true", help="do not run the dummy forward")
 
 
 def _add_validate_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "validate",
-        help="check a servable folder or Hub repo offline (config, strict weights, one forward)",
-        description=_wrap("Load config.json and the weights without starting vLLM, match the keys against the built "
-        "network (strict unless VLLM_TERRATORCH_STRICT_WEIGHTS=0, as when serving), run one dummy forward "
-        "and print a summary."),
-        epilog=VALIDATE_EXAMPLES,
-        formatter_class=_Formatter,
+    parser = _documented(
+        commands, "validate", "check a servable folder or Hub repo offline (config, strict weights, one forward)",
+        VALIDATE_EXAMPLES,
+        "Load config.json and the weights without starting vLLM, match the keys against the built network (strict "
+        "unless VLLM_TERRATORCH_STRICT_WEIGHTS=0, as when serving), run one dummy forward and print a summary.",
     )
     parser.add_argument("model", metavar="FOLDER_OR_REPO", help="model folder, or Hugging Face repo id (cache or Hub)")
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit)")
@@ -179,7 +180,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    from vllm_terratorch.cli.validate import parse_dtype, validate_model
+    from vllm_terratorch.cli.validate import validate_model
+    from vllm_terratorch.core.dtypes import parse_dtype
 
     try:
         summary = validate_model(args.model, revision=args.revision, dtype=parse_dtype(args.dtype))

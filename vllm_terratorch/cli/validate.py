@@ -21,25 +21,8 @@ from vllm_terratorch.errors import ConfigError, InputError, WeightsError
 from vllm_terratorch.core.factory import build_network
 from vllm_terratorch.core.forward import ForwardPlan, task_output
 from vllm_terratorch.core.hub import resolve_model_dir
+from vllm_terratorch.core.dtypes import dtype_name
 from vllm_terratorch.core.weights import find_weight_files, load_folder_weights
-
-DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """`--dtype` value -> torch dtype (short and long spellings)."""
-    try:
-        return DTYPES[name.lower()]
-    except KeyError:
-        raise ConfigError(f"--dtype {name!r}: expected one of {', '.join(DTYPES)}") from None
-
 
 @dataclass
 class Summary:
@@ -126,7 +109,7 @@ def summarize(source: str, pretrained: PretrainedCfg, network: torch.nn.Module, 
         input=pretrained.input.model_dump(exclude_none=True),
         calling_convention=plan.describe(),
         output_shape=shape,
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=dtype_name(dtype),
     )
 
 

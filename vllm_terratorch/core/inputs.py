@@ -16,6 +16,17 @@ import torch
 from vllm_terratorch.core.config import InputSpec
 from vllm_terratorch.errors import InputError
 
+# A request reaches the model as one multimodal item of this modality, whose fields are the named
+# input tensors, behind a one-token prompt (the model is attention-free; the token is a placeholder).
+MODALITY = "image"
+PROMPT_TOKEN_IDS = (1,)
+
+
+def tensor_prompt(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The offline / plugin prompt for one request's named input tensors."""
+    return {"prompt_token_ids": list(PROMPT_TOKEN_IDS), "multi_modal_data": {MODALITY: dict(inputs)}}
+
+
 # Trailing dims of image-like inputs (rank >= 3) are spatial; they may differ from the spec
 # (the networks interpolate position embeddings); every other dim must match exactly.
 SPATIAL_DIMS = 2

@@ -30,8 +30,8 @@ from vllm_terratorch.core.forward import ForwardPlan, identical_requests, one_ro
 from vllm_terratorch.core.hub import resolve_model_dir
 from vllm_terratorch.core.weights import load_folder_weights
 from vllm_terratorch.engine.compat import gpu_sync_allowed, skip_encoder_profiling
+from vllm_terratorch.core.inputs import MODALITY
 from vllm_terratorch.engine.multimodal import (
-    MODALITY,
     TerratorchDummyInputsBuilder,
     TerratorchMultiModalProcessor,
     TerratorchProcessingInfo,

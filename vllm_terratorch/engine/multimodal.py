@@ -23,10 +23,9 @@ from vllm.multimodal.processing import (
 
 from vllm_terratorch.core.config import InputSpec, PretrainedCfg, pretrained_cfg_of
 from vllm_terratorch.core.dummy import dummy_inputs
-from vllm_terratorch.core.inputs import validate_request_inputs
+from vllm_terratorch.core.inputs import MODALITY, PROMPT_TOKEN_IDS, validate_request_inputs
 from vllm_terratorch.engine.compat import mm_hashes
 
-MODALITY = "image"
 
 
 def _fields(spec: InputSpec, *, shared: bool) -> dict[str, MultiModalFieldConfig]:
@@ -155,7 +154,7 @@ class TerratorchMultiModalProcessor(BaseMultiModalProcessor[TerratorchProcessing
         with timing_ctx.record("get_mm_hashes"):
             hashes = mm_hashes(inputs, self.info.model_id, self.info.ctx.get_mm_config())
         return mm_input(
-            prompt_token_ids=[1],
+            prompt_token_ids=list(PROMPT_TOKEN_IDS),
             mm_kwargs=mm_kwargs,
             mm_hashes=hashes,
             mm_placeholders={MODALITY: [PlaceholderRange(offset=0, length=0)]},

@@ -12,6 +12,16 @@ from vllm_terratorch.errors import RequestError
 
 
 @dataclass(frozen=True)
+class Georef:
+    """Where an image lies (CRS, transform), its nodata value and tags: what an output copies."""
+
+    crs: Any
+    transform: Any
+    nodata: float | None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Raster:
     """A decoded image: (bands, height, width) plus what is needed to georeference outputs."""
 
@@ -20,6 +30,10 @@ class Raster:
     transform: Any
     nodata: float | None
     tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def georef(self) -> Georef:
+        return Georef(self.crs, self.transform, self.nodata, self.tags)
 
     @property
     def height(self) -> int:
@@ -105,7 +119,7 @@ def read_geotiff(data: bytes, limits: RasterLimits, check: Callable[[RasterHeade
         raise RequestError(f"the input is not a readable GeoTIFF: {error}") from None
 
 
-def encode_geotiff(array: np.ndarray, like: Raster, nodata: float | None = None) -> bytes:
+def encode_geotiff(array: np.ndarray, like: Georef | Raster, nodata: float | None = None) -> bytes:
     """(bands, H, W) array -> GeoTIFF bytes with `like`'s CRS and transform."""
     import rasterio
 

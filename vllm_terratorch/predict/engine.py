@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm_terratorch import envs
 from vllm_terratorch.errors import ConfigError, UsageError
 from vllm_terratorch.predict.tasks import build_prompts, describe_error
 from vllm_terratorch.registration import PLUGINS, kind_for_task
@@ -48,7 +49,7 @@ def create_engine(kwargs: dict[str, Any]) -> Any:
     """`LLM(**kwargs)`. On CPU the engine runs inside this process by default (measured here: about
     1.5x the scenes/s of vLLM's engine-core + worker processes, and a faster start); pass
     `--distributed-executor-backend mp` or set VLLM_ENABLE_V1_MULTIPROCESSING=1 to opt out."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # an attention-free model needs no KV cache
+    envs.engine_environment()
     from vllm import LLM
     from vllm.platforms import current_platform
 
@@ -68,10 +69,6 @@ def _drop_set_num_threads_warning(record: logging.LogRecord) -> bool:
 def shutdown_engine(llm: Any) -> None:
     with contextlib.suppress(Exception):
         llm.llm_engine.engine_core.shutdown()
-
-
-def dtype_name(torch_dtype: Any) -> str:
-    return str(torch_dtype).removeprefix("torch.")
 
 
 def check_engine_options(options: dict[str, Any]) -> None:

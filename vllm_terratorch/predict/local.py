@@ -13,14 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from vllm_terratorch.predict.args import PROG
-from vllm_terratorch.predict.engine import SceneEncoder, create_engine, dtype_name, engine_encode, engine_kwargs, shutdown_engine
+from vllm_terratorch.core.dtypes import dtype_name
+from vllm_terratorch.predict.engine import SceneEncoder, create_engine, engine_encode, engine_kwargs, shutdown_engine
 from vllm_terratorch.predict.inputs import Item
 from vllm_terratorch.predict.report import PipelineStats, Progress, finish
+from vllm_terratorch.registration import pipeline_class
 from vllm_terratorch.predict.tasks import (
     ProcessorSpec,
     decode_scene,
     outputs_to_wire,
-    processor_class,
     warm_up,
     worker_init,
     write_prediction,
@@ -199,8 +200,8 @@ def run_local(args: argparse.Namespace, todo: list[Item], *, model_dir: Path, pl
             progress.message(f"{PROG}: starting the engine: LLM({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})")
             llm = create_engine(kwargs)
         vllm_config = llm.llm_engine.vllm_config
-        processor_class(plugin)(vllm_config)  # the engine's own config: fails here if the processor cannot serve it
         dtype = vllm_config.model_config.dtype
+        pipeline_class(plugin).for_model_folder(model_dir, dtype)  # fails here if the processor cannot serve the model
         max_num_seqs = vllm_config.scheduler_config.max_num_seqs
         chunk_tiles = args.chunk_tiles or 2 * max_num_seqs
         meta |= {"dtype": dtype_name(dtype), "max_num_seqs": max_num_seqs, "chunk_tiles": chunk_tiles,

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vllm_terratorch import envs
 from vllm_terratorch.errors import UsageError
 from vllm_terratorch.io.tiling import plan_tiles, tiling_from_config
 from vllm_terratorch.predict.args import PROG
@@ -130,7 +131,7 @@ def run_ray(args: argparse.Namespace, todo: list[Item], *, model_dir: Path, plug
         raise UsageError("--ray needs Ray Data: pip install 'ray[data]'") from None
 
     env_vars = {name: value for name, value in os.environ.items() if name.startswith(ENV_PREFIXES)}
-    env_vars.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    envs.engine_environment(env_vars)
     env_vars.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     started_cluster = False
     if not ray.is_initialized():

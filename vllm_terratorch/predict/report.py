@@ -12,7 +12,7 @@ from typing import Any
 
 from vllm_terratorch.predict.args import PROG
 from vllm_terratorch.predict.inputs import Item
-from vllm_terratorch.predict.tasks import PARTIAL_SUFFIX, atomic_write
+from vllm_terratorch.files import PARTIAL_SUFFIX, write_atomically
 
 
 class Progress:
@@ -111,7 +111,7 @@ def write_summary(outdir: Path, items: list[Item], meta: dict[str, Any], stats: 
         "totals": totals,
         "inputs": [item.record for item in items],
     }
-    atomic_write(outdir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    write_atomically(outdir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -12,20 +12,15 @@ Everything here returns a plain dict and never raises for a bad input: the error
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-# Files created by this module get the usual permissions (mkstemp makes them 0600).
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+from vllm_terratorch.core.inputs import MODALITY, tensor_prompt
+from vllm_terratorch.files import write_atomically
 
-PARTIAL_SUFFIX = ".partial"
 
 
 @dataclass(frozen=True)
@@ -38,46 +33,19 @@ class ProcessorSpec:
     indices: tuple[int, ...] | None = None
 
 
-_PROCESSORS: dict[ProcessorSpec, Any] = {}
+_PIPELINES: dict[ProcessorSpec, Any] = {}
 
 
-class _HFConfig:
-    """Stands in for the engine's `hf_config`: the processor only reads `to_dict()["pretrained_cfg"]`."""
+def get_pipeline(spec: ProcessorSpec) -> Any:
+    """The GeoTIFF pipeline of `spec` (the one the server's IO processor wraps), built once per process."""
+    pipeline = _PIPELINES.get(spec)
+    if pipeline is None:
+        from vllm_terratorch.core.dtypes import parse_dtype
+        from vllm_terratorch.registration import pipeline_class
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self._config = config
-
-    def to_dict(self) -> dict[str, Any]:
-        return self._config
-
-
-def processor_class(plugin: str) -> type:
-    import importlib
-
-    from vllm_terratorch.registration import IO_PROCESSORS
-
-    qualname = IO_PROCESSORS[plugin]
-    module, _, name = qualname.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-def get_processor(spec: ProcessorSpec) -> Any:
-    """The IO processor of `spec`, built once per process without an engine."""
-    processor = _PROCESSORS.get(spec)
-    if processor is None:
-        import torch
-
-        config = json.loads((Path(spec.model_dir) / "config.json").read_text())
-        model_config = SimpleNamespace(
-            hf_config=_HFConfig(config),
-            model=spec.model_dir,
-            dtype=getattr(torch, spec.dtype),
-            allowed_local_media_path=None,
-            allowed_media_domains=None,
-        )
-        processor = processor_class(spec.plugin)(SimpleNamespace(model_config=model_config))
-        _PROCESSORS[spec] = processor
-    return processor
+        pipeline = pipeline_class(spec.plugin).for_model_folder(spec.model_dir, parse_dtype(spec.dtype))
+        _PIPELINES[spec] = pipeline
+    return pipeline
 
 
 def worker_init() -> None:
@@ -90,13 +58,13 @@ def worker_init() -> None:
     import torch
 
     torch.set_num_threads(1)
-    import vllm_terratorch.io.processor  # noqa: F401  (vLLM, rasterio, TerraTorch config parsing)
+    import vllm_terratorch.io.pipeline  # noqa: F401  (rasterio, pydantic, the config parsing)
 
 
 def warm_up(spec: ProcessorSpec | None = None) -> int:
     """A task that only makes a worker import (and build the processor) before real work arrives."""
     if spec is not None:
-        get_processor(spec)
+        get_pipeline(spec)
     return os.getpid()
 
 
@@ -132,7 +100,7 @@ def build_prompts(decoded: dict[str, Any], dtype: Any = None) -> list[dict[str, 
         tiles = tiles.to(dtype)
         extras = {name: value.to(dtype) for name, value in extras.items()}
     name = decoded["image_name"]
-    return [{"prompt_token_ids": [1], "multi_modal_data": {"image": {name: tile, **extras}}} for tile in tiles]
+    return [tensor_prompt({name: tile, **extras}) for tile in tiles]
 
 
 def outputs_to_wire(outputs: list[Any]) -> tuple[str, Any]:
@@ -155,29 +123,24 @@ def describe_error(error: BaseException) -> str:
 
 
 def decode_scene(spec: ProcessorSpec, index: int, path: str) -> dict[str, Any]:
-    """Read and prepare one scene. On success: wire tiles, extras and the processor's `Pending`."""
+    """Read and prepare one scene. On success: wire tiles, extras and the pipeline's `Pending`."""
     started = time.time()
     try:
         from vllm_terratorch.io.schema import GeoTiffRequest
 
         data = Path(path).read_bytes()
-        processor = get_processor(spec)
+        pipeline = get_pipeline(spec)
         request = GeoTiffRequest(
             data=path,  # the name carries the acquisition date for temporal_coords, as for path requests
             data_format="path",
             out_data_format="path",
             indices=list(spec.indices) if spec.indices is not None else None,
         )
-        key = f"predict-{os.getpid()}-{index}"
-        try:
-            prompts = processor.prepare(data, request, key)
-        finally:
-            # `prepare` keeps what `render` needs; it travels with the tiles
-            pending = processor.take_pending(key)
+        prompts, pending = pipeline.prepare(data, request)  # `pending` travels with the tiles
         import torch
 
-        images = [prompt["multi_modal_data"]["image"] for prompt in prompts]
-        name = processor.image_name
+        images = [prompt["multi_modal_data"][MODALITY] for prompt in prompts]
+        name = pipeline.image_name
         tiles = torch.stack([image[name] for image in images])
         if tiles.dtype == torch.float64 and torch.equal(tiles.to(torch.float32).to(torch.float64), tiles):
             tiles = tiles.to(torch.float32)  # the datamodule's float32 values: half the bytes, nothing lost
@@ -198,33 +161,11 @@ def decode_scene(spec: ProcessorSpec, index: int, path: str) -> dict[str, Any]:
 def render_result(spec: ProcessorSpec, index: int, outputs: tuple[str, Any], pending: Any) -> bytes:
     """Tile outputs of one scene -> the bytes of its output file (GeoTIFF, or JSON for classification).
 
-    Goes through the processor's own `complete` (its checks included: tile count, non-finite
+    Goes through the pipeline's own `complete` (its checks included: tile count, non-finite
     outputs of a failed forward), as a `/pooling` request does.
     """
-    processor = get_processor(spec)
-    key = f"predict-write-{os.getpid()}-{index}"
-    processor.remember(key, pending)  # `complete` takes it back out, whatever happens
-    result = processor.complete(list(from_wire(outputs)), key)
-    if isinstance(result, dict):
-        return (json.dumps(result, indent=2) + "\n").encode()
-    return result
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `path` as a whole or not at all: a temp file beside it, renamed over it when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(temp, 0o666 & ~_UMASK)
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise
+    pipeline = get_pipeline(spec)
+    return pipeline.file_bytes(pipeline.complete(list(from_wire(outputs)), pending))
 
 
 def write_prediction(
@@ -232,7 +173,7 @@ def write_prediction(
 ) -> dict[str, Any]:
     """Render and write one scene's prediction; returns its record fields."""
     try:
-        atomic_write(Path(target), render_result(spec, index, outputs, pending))
+        write_atomically(Path(target), render_result(spec, index, outputs, pending))
         return {"index": index, "ok": True, "started": started, "finished": time.time()}
     except Exception as error:  # noqa: BLE001
         return {"index": index, "ok": False, "error": describe_error(error), "started": started, "finished": time.time()}

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import requests
 
+from vllm_terratorch import envs
+
 VLLM = str(Path(sys.executable).with_name("vllm"))
 # The flags of the mission document's `vllm serve` line.
 DOCUMENTED = ["--io-processor-plugin", "terratorch_segmentation", "--model-impl", "terratorch", "--skip-tokenizer-init", "--enforce-eager"]
@@ -39,9 +41,7 @@ class Server:
         self.log_path = log
         command = [VLLM, "serve", self.model, *args, "--host", "127.0.0.1", "--port", str(self.port)]
         self._log = open(log, "w")  # noqa: SIM115 - closed in close()
-        # CPU builds of vLLM reserve 4 GiB of KV cache by default; an attention-free model needs none.
-        environment = {**os.environ, **(env or {})}
-        environment.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        environment = envs.engine_environment({**os.environ, **(env or {})})
         self.process = subprocess.Popen(
             command, stdout=self._log, stderr=subprocess.STDOUT, env=environment, start_new_session=True
         )
