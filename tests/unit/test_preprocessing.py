@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 import torch
-
-rasterio = pytest.importorskip("rasterio")
 
 from vllm_terratorch.errors import ConfigError, InputError  # noqa: E402
 from vllm_terratorch.io.preprocessing import (  # noqa: E402

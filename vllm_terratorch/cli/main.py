@@ -213,11 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
-    handler = _HANDLERS.get(args.command)
-    if handler is None:  # `serve` and `predict` are dispatched above, before argparse sees engine options
-        return EXIT_USAGE
     try:
-        return handler(args)
+        return _HANDLERS[args.command](args)  # `serve` and `predict` were dispatched above
     except (TerratorchError, OSError) as error:
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
         return EXIT_INVALID
