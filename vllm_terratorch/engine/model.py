@@ -28,6 +28,7 @@ from vllm_terratorch.core.dummy import dummy_inputs
 from vllm_terratorch.core.factory import build_network
 from vllm_terratorch.core.forward import ForwardPlan, identical_requests, one_row_per_token, pad_and_stack, split_by_shape, task_output
 from vllm_terratorch.core.hub import resolve_model_dir
+from vllm_terratorch.core.kernels import float32_where_low_precision_fails
 from vllm_terratorch.core.weights import load_folder_weights
 from vllm_terratorch.engine.compat import gpu_sync_allowed, skip_encoder_profiling
 from vllm_terratorch.core.inputs import MODALITY
@@ -222,6 +223,7 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         folder = resolve_model_dir(self.model_reference, self.revision, self.download_dir)
         loaded = load_folder_weights(self.network, folder, strict=envs.strict_weights())
         self.network.to(dtype=self.dtype)
+        float32_where_low_precision_fails(self.network)  # CPU kernels that get bf16 convolutions wrong
         logger.info("vllm-terratorch: loaded %d tensors from %s", loaded, folder)
         if self.compiled is not None:
             self._compile()
