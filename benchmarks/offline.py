@@ -126,6 +126,23 @@ def raw_forward(cfg: dict[str, Any], inputs: list[dict[str, torch.Tensor]], dtyp
     return forward
 
 
+# What TerraTorch's import sets process-wide (its Clay v1.5 module): the in-tree model's engine imports
+# TerraTorch after vLLM's worker has set its own precision, so the in-tree path computes at this one.
+TERRATORCH_IMPORT_PRECISION = "medium"
+
+
+def raw_outputs_at_precision(cfg: dict[str, Any], inputs: list[dict[str, torch.Tensor]], batch: int, dtype: torch.dtype,
+                             device: str, precision: str) -> list[torch.Tensor]:
+    """The raw forward's outputs at another float32 matmul precision (untimed; for the comparison only)."""
+    run = batched(raw_forward(cfg, inputs, dtype, device), len(inputs), batch, device)  # builds at our precision
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        return run()
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def time_raw(cfg: dict[str, Any], inputs: list[dict[str, torch.Tensor]], batch: int, dtype: torch.dtype, device: str, repeats: int) -> Timing:
     return timed(batched(raw_forward(cfg, inputs, dtype, device), len(inputs), batch, device), repeats)
 
@@ -339,6 +356,15 @@ def main(argv: list[str] | None = None) -> int:
         for path in outputs:
             if path != "raw":
                 results["paths"][path]["max_abs_diff_vs_raw"] = max_diff(outputs[path], outputs["raw"])
+        if "intree" in outputs:
+            # How far TerraTorch's precision alone moves a float32 forward on this machine (0 where
+            # it changes nothing; bf16-sized on CPUs with AMX, TF32-sized on GPUs): the in-tree path's
+            # distance from raw is that much, and its speed includes that precision's speed-up.
+            with torch_threads(raw_threads):
+                reduced = raw_outputs_at_precision(cfg, inputs, args.batch_size, DTYPES[args.dtype], device,
+                                                   TERRATORCH_IMPORT_PRECISION)
+            results["paths"]["intree"]["float32_matmul_precision"] = TERRATORCH_IMPORT_PRECISION
+            results["raw_at_intree_precision_max_abs_diff_vs_raw"] = max_diff(reduced, outputs["raw"])
         raw_rate = results["paths"]["raw"]["images_per_s"]["median"]
         results["ratios_vs_raw"] = {
             path: results["paths"][path]["images_per_s"]["median"] / raw_rate for path in outputs if path != "raw"

@@ -35,8 +35,12 @@ def test_offline_smoke(tmp_path):
         entry = results["paths"][name]
         assert "error" not in entry, entry
         assert entry["images_per_s"]["n"] == 2 and entry["images_per_s"]["median"] > 0
-    for name in running[1:]:
-        assert results["paths"][name]["max_abs_diff_vs_raw"] <= 1e-4
+    assert results["paths"]["ours"]["max_abs_diff_vs_raw"] <= 1e-4
+    if INTREE_STARTS:
+        # The in-tree model computes at TerraTorch's "medium" float32 precision (set by its import
+        # in the engine process): as close to raw as that precision allows on this machine.
+        reduced = results["raw_at_intree_precision_max_abs_diff_vs_raw"]
+        assert results["paths"]["intree"]["max_abs_diff_vs_raw"] <= 1e-4 + 4 * reduced
     assert set(results["ratios_vs_raw"]) == set(running[1:])
     if not INTREE_STARTS:
         assert "error" in results["paths"]["intree"]
