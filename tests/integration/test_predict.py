@@ -271,7 +271,8 @@ def test_engine_options_and_task_plugins(tmp_path):
                          ("classification", "terratorch_classification")):
         folder = tmp_path / task
         folder.mkdir()
-        (folder / "config.json").write_text(json.dumps({"pretrained_cfg": sample_pretrained_cfg(task)}))
+        config = {"architectures": ["Terratorch"], "num_classes": 0, "pretrained_cfg": sample_pretrained_cfg(task)}
+        (folder / "config.json").write_text(json.dumps(config))
         assert plugin_for_model(folder) == plugin
     args = parse([str(tmp_path / "segmentation"), "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--max-modle-len", "9"])
     assert run_predict(args) == 2  # a typo is a usage error, before anything runs

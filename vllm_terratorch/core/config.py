@@ -97,15 +97,22 @@ class TerratorchConfig(BaseModel):
         return self
 
 
-def _describe(error: ValidationError) -> str:
-    """One line per problem: the dotted field path, what is expected, what was given."""
-    lines = []
+def describe_validation_error(error: ValidationError, root: str | None = None) -> str:
+    """Every problem pydantic found, with its dotted field path (below `root`, if given).
+
+    Without `root` (files): one indented line per problem, with the value given. With `root`
+    (a request's `data`): one line for all, `; `-separated, since it goes into one HTTP error.
+    """
+    parts = []
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        where = ".".join(str(part) for part in item["loc"])
+        if root is not None:
+            parts.append(f"{root}.{where}: {item['msg']}" if where else f"{root}: {item['msg']}")
+            continue
         got = item.get("input")
         got_text = f" (got {json.dumps(got, default=str)[:80]})" if item["type"] != "missing" else ""
-        lines.append(f"  {where}: {item['msg']}{got_text}")
-    return "\n".join(lines)
+        parts.append(f"  {where or '(top level)'}: {item['msg']}{got_text}")
+    return "; ".join(parts) if root is not None else "\n".join(parts)
 
 
 def parse_config(raw: Any, source: str = "config.json") -> TerratorchConfig:
@@ -116,7 +123,7 @@ def parse_config(raw: Any, source: str = "config.json") -> TerratorchConfig:
         return TerratorchConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(
-            f"{source} is not a servable TerraTorch config:\n{_describe(error)}\n"
+            f"{source} is not a servable TerraTorch config:\n{describe_validation_error(error)}\n"
             'Expected architectures ["Terratorch"], num_classes 0 and a pretrained_cfg with '
             "input.data (name -> {type: torch.Tensor, shape: [positive ints]}) and "
             "model.class_path; see the README."

@@ -6,8 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, field_validator
 
-from vllm_terratorch.log import logger
+from vllm_terratorch.core.config import describe_validation_error
 from vllm_terratorch.errors import RequestError
+from vllm_terratorch.log import logger
 
 DataFormat = Literal["url", "path", "b64_json"]
 OutDataFormat = Literal["path", "b64_json"]
@@ -79,14 +80,6 @@ class PredictionOutput(BaseModel):
         return "json" if self.data_format == "json" else "tiff"
 
 
-def _describe(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "data"
-        parts.append(f"data.{where}: {item['msg']}")
-    return "; ".join(parts)
-
-
 def parse_request(data: Any) -> GeoTiffRequest:
     """Validate `request["data"]`; every problem named, in one 400 message."""
     if isinstance(data, GeoTiffRequest):
@@ -103,4 +96,4 @@ def parse_request(data: Any) -> GeoTiffRequest:
     try:
         return GeoTiffRequest.model_validate(data)
     except ValidationError as error:
-        raise RequestError(f"invalid request: {_describe(error)}") from None
+        raise RequestError(f"invalid request: {describe_validation_error(error, 'data')}") from None

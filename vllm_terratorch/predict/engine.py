@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_terratorch import envs
+from vllm_terratorch.core.config import load_config
 from vllm_terratorch.errors import ConfigError, UsageError
 from vllm_terratorch.predict.tasks import build_prompts, describe_error
 from vllm_terratorch.registration import PLUGINS, kind_for_task
@@ -27,8 +27,7 @@ ENGINE_DEFAULTS = {"model_impl": "terratorch", "skip_tokenizer_init": True, "enf
 
 
 def plugin_for_model(model_dir: Path) -> str:
-    config = json.loads((model_dir / "config.json").read_text())
-    class_path = (((config.get("pretrained_cfg") or {}).get("model") or {}).get("class_path")) or ""
+    class_path = load_config(model_dir).pretrained_cfg.model.class_path
     kind = kind_for_task(class_path)
     if kind is None:
         raise ConfigError(
