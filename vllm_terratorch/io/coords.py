@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 
 import numpy as np
 
@@ -45,6 +45,9 @@ def centre_lat_lon(raster: Raster) -> tuple[float, float] | None:
 
 # 2024-10-26, 2024_10_26, 20241026 (also as in Sentinel-2 names: 20241026T105031).
 _NAME_DATE = re.compile(r"(?<!\d)(\d{4})[-_]?(\d{2})[-_]?(\d{2})(?!\d)|(?<!\d)(\d{4})(\d{2})(\d{2})T\d{6}")
+# Year and day of year before a time, as in HLS names (HLS.S30.T10SEH.2024300T184519): TerraTorch's
+# multi-temporal datasets read dates with the pattern `\d{7,8}T\d{6}`.
+_NAME_ORDINAL_DATE = re.compile(r"(?<!\d)(\d{4})(\d{3})T\d{6}")
 
 
 def acquisition_date(tags: Mapping[str, str], name: str | None) -> date | None:
@@ -62,6 +65,10 @@ def acquisition_date(tags: Mapping[str, str], name: str | None) -> date | None:
             return date(year, month, day)
         except ValueError:
             continue
+    for match in _NAME_ORDINAL_DATE.finditer(name or ""):
+        year, day = int(match.group(1)), int(match.group(2))
+        if 1 <= day <= (366 if date(year, 12, 31).timetuple().tm_yday == 366 else 365):
+            return date(year, 1, 1) + timedelta(days=day - 1)
     return None
 
 

@@ -14,6 +14,7 @@ import base64
 import json
 import time
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -69,6 +70,8 @@ class GeoTiffPipeline:
         self.image_name = spec.image_input
         image_shape = spec.data[self.image_name].shape
         self.model_bands = int(image_shape[0])
+        # A (C, T, H, W) image input: a multi-temporal model, T frames (time steps) per request.
+        self.frames = int(image_shape[1]) if len(image_shape) == 4 else None
         self.limits = RasterLimits(self.settings.max_pixels, self.settings.max_raster_bytes)
         self.outputs = OutputPolicy([self.settings.output_path, *self.settings.allowed_output_paths])
         self._model_order_logged = False
@@ -95,9 +98,10 @@ class GeoTiffPipeline:
 
     # A request, start to finish ------------------------------------------------------------
 
-    def read(self, request: GeoTiffRequest) -> bytes:
-        """The request's GeoTIFF bytes (inline, a path or a URL, each within the server's policy)."""
-        return self.policy.read(request.data, request.data_format)
+    def read(self, request: GeoTiffRequest) -> list[bytes]:
+        """The bytes of each of the request's GeoTIFFs (inline, a path or a URL, within the server's policy)."""
+        self._check_frame_count(request)
+        return [self.policy.read(item, request.data_format) for item in request.items]
 
     def output_target(self, request: GeoTiffRequest, request_id: str | None) -> OutputTarget | None:
         """Where a `path` output will go, checked now so a bad `out_path` costs no model time."""
@@ -108,15 +112,29 @@ class GeoTiffPipeline:
         return self.outputs.target(request.out_path, request_id)
 
     def prepare(
-        self, data: bytes, request: GeoTiffRequest, started: float | None = None, output: OutputTarget | None = None
+        self, data: bytes | list[bytes], request: GeoTiffRequest, started: float | None = None,
+        output: OutputTarget | None = None,
     ) -> tuple[list[dict[str, Any]], Pending]:
-        """GeoTIFF bytes -> one engine prompt per tile, and what `complete` needs to finish."""
+        """GeoTIFF bytes (one file, or one per frame) -> one engine prompt per tile, and what
+        `complete` needs to finish. Every frame is cut at the same windows."""
         started = time.monotonic() if started is None else started
-        raster = read_geotiff(data, self.limits, lambda header: self._check_header(header, request))
-        image, nodata_mask = self._prepare(raster, request)
+        self._check_frame_count(request)
+        files = [data] if isinstance(data, bytes) else data
+        rasters = [read_geotiff(item, self.limits, lambda header: self._check_header(header, request)) for item in files]
+        _check_one_grid(rasters)
+        prepared = [self._prepare(raster, request) for raster in rasters]
+        raster = rasters[0]
+        nodata_mask = np.logical_or.reduce([mask for _, mask in prepared])
         plan = plan_tiles(raster.height, raster.width, self.tiling)
-        tiles = torch.from_numpy(extract_tiles(image, plan)).to(self.dtype)
-        extras = self._extra_inputs(raster, request)
+        if self.frames is None:
+            tiles = torch.from_numpy(extract_tiles(prepared[0][0], plan))
+        else:  # (C, T, H, W): frames side by side as channels, cut once, put back
+            image = np.stack([image for image, _ in prepared], axis=1)
+            channels, frames = image.shape[:2]
+            flat = extract_tiles(image.reshape(channels * frames, *image.shape[2:]), plan)
+            tiles = torch.from_numpy(flat.reshape(len(flat), channels, frames, *flat.shape[2:]))
+        tiles = tiles.to(self.dtype)
+        extras = self._extra_inputs(rasters, request)
         now = time.monotonic()
         pending = Pending(request, plan, raster.georef, nodata_mask, now, now - started, output)
         prompts = [tensor_prompt({self.image_name: tile, **extras}) for tile in tiles]
@@ -156,7 +174,19 @@ class GeoTiffPipeline:
         """A result as the content of its output file (GeoTIFF bytes, or indented JSON)."""
         return (json.dumps(result, indent=2) + "\n").encode() if isinstance(result, dict) else result
 
-    # Steps -------------------------------------------------------------------------
+    # Steps ----------------------------------------------------------------------------------
+
+    def _check_frame_count(self, request: GeoTiffRequest) -> None:
+        count = len(request.items)
+        if self.frames is None and count != 1:
+            raise RequestError(f"this model takes one image per request (no time dimension); got a list of {count}")
+        if self.frames is not None and count != self.frames:
+            raise RequestError(
+                f"this model takes {self.frames} frames (time steps) per request: send 'data' as a list of "
+                f"{self.frames} inputs in time order; got {count}"
+            )
+        if request.dates is not None and len(request.dates) != count:
+            raise RequestError(f"'dates' has {len(request.dates)} dates for {count} input(s); give one per input")
 
     def _check_header(self, header: RasterHeader, request: GeoTiffRequest) -> None:
         """Refuse a band layout the model cannot take before any pixel is decoded."""
@@ -200,25 +230,36 @@ class GeoTiffPipeline:
             )
         return image, mask
 
-    def _extra_inputs(self, raster: Raster, request: GeoTiffRequest) -> dict[str, torch.Tensor]:
+    def _extra_inputs(self, rasters: list[Raster], request: GeoTiffRequest) -> dict[str, torch.Tensor]:
+        """temporal_coords (one (year, day) per frame) and location_coords (the first frame's centre)."""
         extras: dict[str, torch.Tensor] = {}
         if "temporal_coords" in self.extra_inputs:
-            name = request.data if request.data_format != "b64_json" else None
-            when = acquisition_date(raster.tags, name)
-            if when is None:
-                raise RequestError(
-                    "the model takes temporal_coords, but the GeoTIFF has no TIFFTAG_DATETIME tag and its "
-                    "name has no date (e.g. scene_2024-10-26.tif)"
-                )
+            names = request.items if request.data_format != "b64_json" else [None] * len(rasters)
+            days = [year_and_day(self._frame_date(index, raster, name, request)) for index, (raster, name)
+                    in enumerate(zip(rasters, names, strict=True))]
             shape = self.pretrained_cfg.input.data["temporal_coords"].shape
-            extras["temporal_coords"] = torch.tensor(year_and_day(when), dtype=self.dtype).reshape(shape)
+            extras["temporal_coords"] = torch.tensor(days, dtype=self.dtype).reshape(shape)
         if "location_coords" in self.extra_inputs:
-            lat_lon = centre_lat_lon(raster)
+            lat_lon = centre_lat_lon(rasters[0])
             if lat_lon is None:
                 raise RequestError("the model takes location_coords, but the GeoTIFF has no usable CRS/transform")
             shape = self.pretrained_cfg.input.data["location_coords"].shape
             extras["location_coords"] = torch.tensor(lat_lon, dtype=self.dtype).reshape(shape)
         return extras
+
+    @staticmethod
+    def _frame_date(index: int, raster: Raster, name: str | None, request: GeoTiffRequest) -> date:
+        """The file's TIFFTAG_DATETIME, else a date in its name, else the request's `dates`."""
+        when = acquisition_date(raster.tags, name)
+        if when is None and request.dates is not None:
+            when = request.dates[index]
+        if when is None:
+            which = "the GeoTIFF" if len(request.items) == 1 else f"input {index + 1} of {len(request.items)}"
+            raise RequestError(
+                f"the model takes temporal_coords, but {which} has no TIFFTAG_DATETIME tag and no date in its name "
+                "(e.g. scene_2024-10-26.tif, HLS...2024300T184519); or give 'dates': one ISO date per input"
+            )
+        return when
 
     def render(self, outputs: list[torch.Tensor], pending: Pending) -> bytes | dict[str, Any]:
         raise NotImplementedError
@@ -281,6 +322,16 @@ class ClassificationPipeline(GeoTiffPipeline):
         if isinstance(names, list) and len(names) == len(probabilities):
             result["class_names"] = names
         return result
+
+
+def _check_one_grid(rasters: list[Raster]) -> None:
+    """The frames of a time series must share one grid (they are stacked pixel by pixel)."""
+    first = rasters[0]
+    for index, raster in enumerate(rasters[1:], start=2):
+        for what, mine, theirs in (("size", (raster.height, raster.width), (first.height, first.width)),
+                                   ("CRS", raster.crs, first.crs), ("transform", raster.transform, first.transform)):
+            if mine != theirs:
+                raise RequestError(f"input {index} is not on input 1's grid: its {what} is {mine}, input 1's is {theirs}")
 
 
 PIPELINES: dict[str, type[GeoTiffPipeline]] = {

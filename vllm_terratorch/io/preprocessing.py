@@ -132,8 +132,8 @@ def preprocessing_from_config(data: Mapping[str, Any] | None, num_model_bands: i
             f"{FIELD}.class_path: {class_path!r} is not a datamodule whose preprocessing vllm-terratorch "
             f"can reproduce (supported: {', '.join(SUPPORTED)}); send model-ready tensors instead"
         )
-    if args.get("expand_temporal_dimension"):
-        raise ConfigError(f"{FIELD}.init_args.expand_temporal_dimension: multi-temporal GeoTIFFs are not supported")
+    # expand_temporal_dimension (one file of time x bands, reshaped to channels x time): the same
+    # per-band normalisation, applied here to each frame of a time-series request (one file per frame).
     _check_transform(args, "predict_transform" if name == SEN1FLOODS11 else "test_transform")
 
     if name == SEN1FLOODS11:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, computed_field, field_validator
 
 from vllm_terratorch.core.config import describe_validation_error
 from vllm_terratorch.errors import RequestError
@@ -14,13 +15,16 @@ DataFormat = Literal["url", "path", "b64_json"]
 OutDataFormat = Literal["path", "b64_json"]
 
 
+# Frames of one time-series request at most (a model takes as many as its config says).
+MAX_FRAMES = 64
+
 # What upstream clients send as `image_format` (vLLM's examples "tiff", TerraTorch's tests ""); the
 # field selects nothing (every input is read as a GeoTIFF), so only values naming TIFF are accepted.
 IMAGE_FORMATS = ("", "tiff", "tif", "geotiff", "geotif", "cog")
 
 
 class GeoTiffRequest(BaseModel):
-    """`request["data"]`: one GeoTIFF in, one prediction out.
+    """`request["data"]`: one GeoTIFF in (or one per time step), one prediction out.
 
     Fields we do not read are ignored (logged at debug level), as upstream's processors do, so
     clients written for them keep working; every field we read is validated strictly.
@@ -28,17 +32,36 @@ class GeoTiffRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    data: str = Field(min_length=1)
-    """The URL, the local path, or the base64-encoded GeoTIFF, as `data_format` says."""
+    data: str | list[str]
+    """The URL, the local path, or the base64-encoded GeoTIFF, as `data_format` says; for a
+    multi-temporal model, a list of them in time order (one per frame, all on one grid)."""
     data_format: DataFormat
     out_data_format: OutDataFormat = "b64_json"
     image_format: str = "geoTiff"
     """Ignored beyond this check: any case of "", tiff, tif, geotiff (the input is always read as a GeoTIFF)."""
     indices: list[int] | None = None
     """Band indices (0-based) to take from the file, in model order; default: from the config."""
+    dates: list[date] | None = None
+    """Acquisition dates (ISO, one per frame) for files with neither a TIFFTAG_DATETIME tag nor a
+    date in their name; a file's own date comes first."""
     out_path: str | None = None
     """For `path` outputs: a relative file name (or sub-path) inside the server's output folder, or an
     existing directory (absolute, inside an allowed output root) that gets `<request_id>.tiff`."""
+
+    @field_validator("data")
+    @classmethod
+    def _items_given(cls, value: str | list[str]) -> str | list[str]:
+        items = [value] if isinstance(value, str) else value
+        if not items or len(items) > MAX_FRAMES:
+            raise ValueError(f"give one input, or a list of 1 to {MAX_FRAMES} inputs (one per time step)")
+        if any(not item for item in items):
+            raise ValueError("an input is empty")
+        return value
+
+    @property
+    def items(self) -> list[str]:
+        """The request's inputs: one, or one per time step."""
+        return [self.data] if isinstance(self.data, str) else list(self.data)
 
     @field_validator("image_format")
     @classmethod

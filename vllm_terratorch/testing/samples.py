@@ -65,17 +65,25 @@ def sample_pretrained_cfg(
     indices: list[int] | None = None,
     decoder_channels: int = 16,
     num_classes: int | None = None,
+    frames: int | None = None,
 ) -> dict[str, Any]:
     """A `pretrained_cfg` in the mission document's layout, for one of three task kinds.
+
+    `frames`: a multi-temporal model (Prithvi's `backbone_num_frames`): image input (C, T, H, W),
+    `temporal_coords` (T, 2) and time + location coordinate encodings, as TerraTorch's
+    multi-temporal crop configs have them.
 
     segmentation: the mission's Sen1Floods11 config (UperNet, decoder_scale_modules, target
     pixel_values + location_coords). regression: pixel-wise, no target (all inputs keywords).
     classification: ClassificationTask with an identity decoder.
     """
     indices = indices or [1, 3, 5, 11]
-    image = {"type": "torch.Tensor", "shape": [len(BANDS), image_size, image_size]}
+    time_dims = [frames] if frames else []
+    image = {"type": "torch.Tensor", "shape": [len(BANDS), *time_dims, image_size, image_size]}
     coords = {"type": "torch.Tensor", "shape": [1, 2]}
     model_args = _prithvi_args(backbone, indices)
+    if frames:
+        model_args |= {"backbone_num_frames": frames, "backbone_coords_encoding": ["time", "location"]}
     if task == "segmentation":
         model_args |= {
             "decoder": "UperNetDecoder",
@@ -100,6 +108,11 @@ def sample_pretrained_cfg(
         class_path, extra, data = "terratorch.tasks.ClassificationTask", {"loss": "ce"}, "Classification"
     else:
         raise ValueError(f"unknown sample task {task!r}; expected segmentation, regression or classification")
+    if frames:
+        input_spec["data"]["temporal_coords"] = {"type": "torch.Tensor", "shape": [frames, 2]}
+        for neck in model_args["necks"]:
+            if neck["name"] == "ReshapeTokensToImage":  # tokens of T frames -> one (T x D) feature map
+                neck["effective_time_dim"] = frames
     # Pixel-wise tasks: overlapping tiles for images larger than the model input (IO processors).
     # ClassificationTask takes no such argument.
     stride = image_size * 3 // 4
@@ -199,6 +212,7 @@ def write_sample_geotiff(
     origin: tuple[float, float] = (725000.0, 4375000.0),
     pixel_size: float = 30.0,
     nodata: int | None = -9999,
+    date: str | None = None,
 ) -> Path:
     """A Sentinel-2-like int16 GeoTIFF (reflectance x 10000) with a UTM georeference.
 
@@ -222,4 +236,6 @@ def write_sample_geotiff(
         profile["nodata"] = nodata
     with rasterio.open(path, "w", **profile) as target:
         target.write(image)
+        if date is not None:  # "YYYY-MM-DD": the acquisition time, as TIFF writes it
+            target.update_tags(TIFFTAG_DATETIME=date.replace("-", ":") + " 10:30:00")
     return path
