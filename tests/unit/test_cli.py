@@ -7,6 +7,7 @@ mission's two config-generator command lines also run as real subprocesses, as u
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from terratorch.models.backbones.prithvi_vit import PrithviViT
 
 from vllm_terratorch.cli import main as cli
 from vllm_terratorch.errors import ConfigError
@@ -254,17 +256,22 @@ def _doc(model_args: dict[str, Any] | None = None, data_args: dict[str, Any] | N
     return doc
 
 
+# The size Prithvi's ViT is built for when a config names none (what the generator must infer).
+PRITHVI_SIZE = inspect.signature(PrithviViT).parameters["img_size"].default
+
+
 @pytest.mark.parametrize(
     ("doc", "pixel_shape", "extra"),
     [
-        (_doc({"backbone_bands": ["B"] * 4}), [4, 224, 224], {}),
+        (_doc({"backbone_bands": ["B"] * 4}), [4, PRITHVI_SIZE, PRITHVI_SIZE], {}),
         (_doc({"backbone_bands": ["B"] * 4}, {"bands": ["B"] * 3, "img_size": 256}), [3, 256, 256], {}),
         (_doc({"backbone_bands": ["B"] * 4}, {"dataset_bands": ["B"] * 5, "crop_size": [128, 96]}), [5, 128, 96], {}),
         (_doc({"backbone_bands": ["B"] * 6, "backbone_img_size": 512}, {"img_size": 256}), [6, 512, 512], {}),
-        (_doc({"backbone_bands": ["B"] * 6, "backbone_coords_encoding": ["location"]}), [6, 224, 224], {"location_coords": [1, 2]}),
+        (_doc({"backbone_bands": ["B"] * 6, "backbone_coords_encoding": ["location"]}), [6, PRITHVI_SIZE, PRITHVI_SIZE],
+         {"location_coords": [1, 2]}),
         (
             _doc({"backbone_bands": ["B"] * 6, "backbone_coords_encoding": ["time", "location"], "backbone_num_frames": 3}),
-            [6, 3, 224, 224],
+            [6, 3, PRITHVI_SIZE, PRITHVI_SIZE],
             {"location_coords": [1, 2], "temporal_coords": [1, 3, 2]},
         ),
     ],

@@ -42,7 +42,7 @@ def test_each_frame_is_prepared_like_a_single_image_and_cut_at_the_same_windows(
     first = prompts[0]["multi_modal_data"]["image"]
     assert torch.equal(first["location_coords"], per_frame[0][0]["multi_modal_data"]["image"]["location_coords"])
     # (year, day of year - 1) per frame, as TerraTorch's datasets build them.
-    assert first["temporal_coords"].tolist() == [[2024, 60], [2024, 166], [2024, 299]]
+    assert first["temporal_coords"].tolist() == [[[2024, 60], [2024, 166], [2024, 299]]]
     assert all(torch.equal(p["multi_modal_data"]["image"]["temporal_coords"], first["temporal_coords"]) for p in prompts)
 
 
@@ -53,7 +53,7 @@ def test_dates_come_from_the_file_then_its_name_then_the_request(tmp_path):
     files = [tagged, named, untagged[0]]
     request = GeoTiffRequest(data=[str(p) for p in files], data_format="path", dates=["2000-01-01"] * 2 + ["2024-12-31"])
     prompts, _ = pipeline(3).prepare([p.read_bytes() for p in files], request)
-    assert prompts[0]["multi_modal_data"]["image"]["temporal_coords"].tolist() == [[2023, 0], [2024, 299], [2024, 365]]
+    assert prompts[0]["multi_modal_data"]["image"]["temporal_coords"].tolist() == [[[2023, 0], [2024, 299], [2024, 365]]]
     no_dates = GeoTiffRequest(data=[str(p) for p in untagged], data_format="path")
     with pytest.raises(RequestError, match="input 1 of 3 has no TIFFTAG_DATETIME tag and no date in its name"):
         pipeline(3).prepare([p.read_bytes() for p in untagged], no_dates)

@@ -26,6 +26,10 @@ class TensorSpec(BaseModel):
     shape: list[PositiveInt] = Field(min_length=1)
 
 
+# Inputs Prithvi-style models take beside the image, derived from the file by the IO processors.
+COORDINATE_INPUTS = ("location_coords", "temporal_coords")
+
+
 class InputSpec(BaseModel):
     """`pretrained_cfg.input`: the model's inputs and which one (if any) is positional."""
 
@@ -45,10 +49,11 @@ class InputSpec(BaseModel):
 
     @property
     def image_input(self) -> str:
-        """The image input: the target, else the only input of rank >= 3 (tiled by IO processors)."""
+        """The image input: the target, else the only input of rank >= 3 (tiled by IO processors)
+        that is not one of Prithvi's coordinate inputs (`temporal_coords` is [1, T, 2] for T frames)."""
         if self.target is not None:
             return self.target
-        images = [name for name, tensor in self.data.items() if len(tensor.shape) >= 3]
+        images = [name for name, tensor in self.data.items() if len(tensor.shape) >= 3 and name not in COORDINATE_INPUTS]
         if len(images) != 1:
             raise ConfigError(
                 f"pretrained_cfg.input: cannot tell which input is the image ({list(self.data)}); set input.target"

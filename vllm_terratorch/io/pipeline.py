@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from vllm_terratorch.core.config import PretrainedCfg, load_config
+from vllm_terratorch.core.config import COORDINATE_INPUTS, PretrainedCfg, load_config
 from vllm_terratorch.core.inputs import tensor_prompt
 from vllm_terratorch.errors import ConfigError, RequestError
 from vllm_terratorch.io.coords import acquisition_date, centre_lat_lon, year_and_day
@@ -79,7 +79,7 @@ class GeoTiffPipeline:
         init_args = pretrained_cfg.model.init_args
         self.tiling = tiling_from_config(init_args.get("tiled_inference_parameters"), (image_shape[-2], image_shape[-1]))
         self.extra_inputs = [name for name in spec.data if name != self.image_name]
-        unsupported = [name for name in self.extra_inputs if name not in ("location_coords", "temporal_coords")]
+        unsupported = [name for name in self.extra_inputs if name not in COORDINATE_INPUTS]
         if unsupported:
             raise ConfigError(
                 f"the {self.task} IO processor can derive an image, location_coords and temporal_coords from a GeoTIFF, "

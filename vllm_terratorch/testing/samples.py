@@ -70,7 +70,7 @@ def sample_pretrained_cfg(
     """A `pretrained_cfg` in the mission document's layout, for one of three task kinds.
 
     `frames`: a multi-temporal model (Prithvi's `backbone_num_frames`): image input (C, T, H, W),
-    `temporal_coords` (T, 2) and time + location coordinate encodings, as TerraTorch's
+    `temporal_coords` (1, T, 2) and time + location coordinate encodings, as TerraTorch's
     multi-temporal crop configs have them.
 
     segmentation: the mission's Sen1Floods11 config (UperNet, decoder_scale_modules, target
@@ -109,7 +109,8 @@ def sample_pretrained_cfg(
     else:
         raise ValueError(f"unknown sample task {task!r}; expected segmentation, regression or classification")
     if frames:
-        input_spec["data"]["temporal_coords"] = {"type": "torch.Tensor", "shape": [frames, 2]}
+        # [1, T, 2], as `vllm-terratorch config` infers it for a multi-temporal Prithvi
+        input_spec["data"]["temporal_coords"] = {"type": "torch.Tensor", "shape": [1, frames, 2]}
         for neck in model_args["necks"]:
             if neck["name"] == "ReshapeTokensToImage":  # tokens of T frames -> one (T x D) feature map
                 neck["effective_time_dim"] = frames
