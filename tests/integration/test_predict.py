@@ -111,7 +111,10 @@ def test_outputs_equal_the_servers_answers(workdir, local_run, starting_server):
         served, *_ = read_mask(io.BytesIO(base64.b64decode(response.json()["data"]["data"])))
         assert mask.dtype == np.uint8 and nodata == 255
         assert np.array_equal(mask, served), (relative, float((mask != served).mean()))
-        assert len(np.unique(mask)) > 1, relative  # a real prediction, not a constant
+        if min(mask.shape[1:]) >= CFG["input"]["data"]["pixel_values"]["shape"][-1]:
+            # At least a tile of structure: a real prediction, not a constant (a scene smaller than one
+            # tile may well be one class for a random model).
+            assert len(np.unique(mask)) > 1, relative
 
 
 def test_summary_and_bad_inputs(workdir, local_run):
