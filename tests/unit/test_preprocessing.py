@@ -190,12 +190,18 @@ def test_single_mean_broadcasts_like_terratorch():
         ({"dataset_bands": [[0, 1, 2]]}, 6, "pretrained_cfg.data.init_args.dataset_bands"),
         ({"constant_scale": "0.0001"}, 6, "pretrained_cfg.data.init_args.constant_scale"),
         ({"test_transform": [{"class_path": "albumentations.Resize"}]}, 6, "init_args.test_transform"),
-        ({"expand_temporal_dimension": True}, 6, "pretrained_cfg.data.init_args.expand_temporal_dimension"),
     ],
 )
 def test_config_errors_name_the_field(overrides, num_bands, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         preprocessing_from_config(generic_config(**overrides), num_bands)
+
+
+def test_a_multi_temporal_datamodule_normalises_each_frame_like_a_single_image():
+    """`expand_temporal_dimension` (one file of time x bands in training): served frames come as a
+    list of files (io/pipeline.py), each normalised with the same per-band statistics."""
+    temporal = preprocessing_from_config(generic_config(expand_temporal_dimension=True), 6)
+    assert temporal == preprocessing_from_config(generic_config(), 6)
 
 
 def test_sen1floods11_errors():
