@@ -51,3 +51,11 @@ def test_a_wrong_kernel_is_switched_to_float32_and_a_right_one_is_kept():
 def test_float32_networks_are_left_alone():
     network = nn.Sequential(WrongInLowPrecision(4, 8, 3))
     assert float32_where_low_precision_fails(network) == []  # float32: nothing to do
+
+
+def test_dilated_convolutions_are_probed_with_inputs_large_enough():
+    """A dilated kernel spans d * (k - 1) + 1 pixels: the probe input must hold it (no padding here)."""
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Conv2d(8, 8, 3, dilation=4))
+    network.to(torch.bfloat16)
+    assert float32_where_low_precision_fails(network) == []

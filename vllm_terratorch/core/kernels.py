@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from vllm_terratorch.core.dtypes import dtype_name
+
 logger = logging.getLogger(__name__)
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -36,7 +38,8 @@ def _float32_forward(module: _ConvNd, x: torch.Tensor) -> torch.Tensor:
 
 def _probe_error(module: _ConvNd, outputs: int, generator: torch.Generator) -> float:
     """Relative error of the module's low-precision forward on a random input with `outputs` per dim."""
-    size = [k + s * (outputs - 1) for k, s in zip(module.kernel_size, module.stride, strict=True)]
+    extents = [d * (k - 1) + 1 for k, d in zip(module.kernel_size, module.dilation, strict=True)]
+    size = [e + s * (outputs - 1) for e, s in zip(extents, module.stride, strict=True)]
     x = torch.randn(1, module.in_channels, *size, generator=generator).to(module.weight.device)
     with torch.no_grad():
         low = module(x.to(module.weight.dtype)).float()
@@ -63,6 +66,6 @@ def float32_where_low_precision_fails(network: nn.Module) -> list[str]:
             logger.warning(
                 "vllm-terratorch: %s (%s, kernel %s, stride %s) computes wrongly in %s on this CPU (relative error "
                 "%.2f, oneDNN); it runs in float32 instead", name, type(module).__name__, tuple(module.kernel_size),
-                tuple(module.stride), str(module.weight.dtype).removeprefix("torch."), error,
+                tuple(module.stride), dtype_name(module.weight.dtype), error,
             )
     return switched
