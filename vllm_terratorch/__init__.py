@@ -6,7 +6,9 @@ every process costs nothing until a model is actually built.
 
 from __future__ import annotations
 
-__all__ = ["classification_processor", "register", "regression_processor", "segmentation_processor"]
+__all__ = [
+    "classification_processor", "register", "regression_processor", "segmentation_processor", "tm_segmentation_processor",
+]
 __version__ = "0.1.0"
 
 
@@ -29,6 +31,10 @@ def _processor(plugin: str) -> str:
 
 def segmentation_processor() -> str:
     return _processor("terratorch_segmentation")
+
+
+def tm_segmentation_processor() -> str:
+    return _processor("terratorch_tm_segmentation")
 
 
 def regression_processor() -> str:

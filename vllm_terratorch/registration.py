@@ -26,37 +26,40 @@ class TaskKind:
     pipeline: str  # qualified name of the vLLM-free GeoTIFF pipeline it wraps (what `predict` runs)
     tasks: tuple[str, ...]  # TerraTorch task classes (last component of pretrained_cfg.model.class_path)
     suffix: str  # file suffix of a saved prediction (`predict`)
+    aliases: tuple[str, ...] = ()  # other names it answers to, for clients written for them
 
 
 TASK_KINDS = (
     TaskKind(
         "terratorch_segmentation",
         "vllm_terratorch.io.processor.SegmentationProcessor",
-        "vllm_terratorch.io.pipeline.SegmentationPipeline",
+        "vllm_terratorch.io.tasks.SegmentationPipeline",
         ("SemanticSegmentationTask",),
         ".tif",
+        # TerraTorch's TerraMind processor: ours reads one input per modality (the request decides).
+        ("terratorch_tm_segmentation",),
     ),
     TaskKind(
         "terratorch_regression",
         "vllm_terratorch.io.processor.RegressionProcessor",
-        "vllm_terratorch.io.pipeline.RegressionPipeline",
+        "vllm_terratorch.io.tasks.RegressionPipeline",
         ("PixelwiseRegressionTask",),
         ".tif",
     ),
     TaskKind(
         "terratorch_classification",
         "vllm_terratorch.io.processor.ClassificationProcessor",
-        "vllm_terratorch.io.pipeline.ClassificationPipeline",
+        "vllm_terratorch.io.tasks.ClassificationPipeline",
         ("ClassificationTask", "MultiLabelClassificationTask"),
         ".json",
     ),
 )
-IO_PROCESSORS = {kind.plugin: kind.processor for kind in TASK_KINDS}
+IO_PROCESSORS = {name: kind.processor for kind in TASK_KINDS for name in (kind.plugin, *kind.aliases)}
 PLUGINS = tuple(IO_PROCESSORS)
 
 
 def task_kind(plugin: str) -> TaskKind:
-    return next(kind for kind in TASK_KINDS if kind.plugin == plugin)
+    return next(kind for kind in TASK_KINDS if plugin in (kind.plugin, *kind.aliases))
 
 
 def pipeline_class(plugin: str) -> type:

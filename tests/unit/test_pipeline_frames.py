@@ -9,7 +9,7 @@ import torch
 
 from vllm_terratorch.core.config import parse_pretrained_cfg
 from vllm_terratorch.errors import RequestError
-from vllm_terratorch.io.pipeline import RegressionPipeline, SegmentationPipeline
+from vllm_terratorch.io.tasks import RegressionPipeline, SegmentationPipeline
 from vllm_terratorch.io.schema import GeoTiffRequest
 from vllm_terratorch.testing.samples import sample_pretrained_cfg, write_sample_geotiff
 

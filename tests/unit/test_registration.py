@@ -76,7 +76,9 @@ def test_io_processor_names_resolve_to_ours_although_terratorch_registers_them_t
     assert resolved["terratorch_segmentation"] == "vllm_terratorch.io.processor.SegmentationProcessor"
     assert resolved["terratorch_regression"] == "vllm_terratorch.io.processor.RegressionProcessor"
     assert resolved["terratorch_classification"] == "vllm_terratorch.io.processor.ClassificationProcessor"
-    assert resolved["terratorch_tm_segmentation"].startswith("terratorch.")  # others untouched
+    # TerraTorch's TerraMind processor name too: ours reads one GeoTIFF per modality.
+    assert resolved["terratorch_tm_segmentation"] == "vllm_terratorch.io.processor.SegmentationProcessor"
+    assert all(qualname.startswith(("vllm_terratorch.", "terratorch.")) for qualname in resolved.values())
 
 
 @pytest.mark.parametrize(

@@ -48,12 +48,18 @@ class InputSpec(BaseModel):
         return self
 
     @property
-    def image_input(self) -> str:
-        """The image input: the target, else the only input of rank >= 3 (tiled by IO processors)
-        that is not one of Prithvi's coordinate inputs (`temporal_coords` is [1, T, 2] for T frames)."""
+    def image_inputs(self) -> list[str]:
+        """The image inputs (tiled by the IO processors): the target, else every input of rank >= 3
+        that is not one of Prithvi's coordinate inputs (`temporal_coords` is [1, T, 2] for T frames).
+        More than one: a multi-modal model (TerraMind), one image per modality."""
         if self.target is not None:
-            return self.target
-        images = [name for name, tensor in self.data.items() if len(tensor.shape) >= 3 and name not in COORDINATE_INPUTS]
+            return [self.target]
+        return [name for name, tensor in self.data.items() if len(tensor.shape) >= 3 and name not in COORDINATE_INPUTS]
+
+    @property
+    def image_input(self) -> str:
+        """The single image input of a one-image model."""
+        images = self.image_inputs
         if len(images) != 1:
             raise ConfigError(
                 f"pretrained_cfg.input: cannot tell which input is the image ({list(self.data)}); set input.target"

@@ -141,3 +141,23 @@ def encode_geotiff(array: np.ndarray, like: Georef | Raster, nodata: float | Non
         with memory.open(**profile) as target:
             target.write(array)
         return memory.read()
+
+
+def check_one_grid(rasters: list[Raster], modalities: list[str] | None = None) -> None:
+    """The frames of a time series, or the modalities of a scene, must share one grid (they are
+    stacked pixel by pixel; nothing here resamples)."""
+    names = modalities or [f"input {index}" for index in range(1, len(rasters) + 1)]
+    first = rasters[0]
+    for name, raster in zip(names[1:], rasters[1:], strict=True):
+        for what, mine, theirs in (("size", (raster.height, raster.width), (first.height, first.width)),
+                                   ("CRS", raster.crs, first.crs), ("transform", raster.transform, first.transform)):
+            if mine != theirs:
+                raise RequestError(f"{name} is not on {names[0]}'s grid: its {what} is {mine}, {names[0]}'s is {theirs}")
+
+
+def nodata_mask(array: np.ndarray, nodata: float | None) -> np.ndarray:
+    """(1, H, W): pixels that are NaN/infinite or the file's nodata value in any band."""
+    invalid = ~np.isfinite(array) if np.issubdtype(array.dtype, np.floating) else np.zeros(array.shape, bool)
+    if nodata is not None and np.isfinite(nodata):
+        invalid |= array == nodata
+    return invalid.any(axis=0, keepdims=True)

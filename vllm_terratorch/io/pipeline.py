@@ -4,8 +4,8 @@ tile outputs (+ that state) -> the answer (mask / values GeoTIFF, or class proba
 The IO-processor plugins (processor.py) are thin adapters around it for `/pooling`, and
 `vllm-terratorch predict` runs it directly in its worker processes, so a file's prediction is the
 server's answer for that file. Shared work here: fetch within policy, decode, normalise like the
-datamodule, tile with overlap, derive coordinates, stitch; each task subclass only turns the
-stitched model output into its result.
+datamodule, tile with overlap, derive coordinates, stitch; each task subclass (tasks.py) only turns
+the stitched model output into its result.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from vllm_terratorch.core.config import COORDINATE_INPUTS, PretrainedCfg, load_c
 from vllm_terratorch.core.inputs import tensor_prompt
 from vllm_terratorch.errors import ConfigError, RequestError
 from vllm_terratorch.io.coords import acquisition_date, centre_lat_lon, year_and_day
-from vllm_terratorch.io.geotiff import Georef, Raster, RasterHeader, RasterLimits, encode_geotiff, read_geotiff
+from vllm_terratorch.io.geotiff import Georef, Raster, RasterHeader, RasterLimits, check_one_grid, nodata_mask, read_geotiff
 from vllm_terratorch.io.outputs import OutputPolicy, OutputTarget
-from vllm_terratorch.io.preprocessing import Preprocessing, preprocessing_from_config
+from vllm_terratorch.io.datamodule import DatamoduleInputs, takes_predict_folder
+from vllm_terratorch.io.preprocessing import Preprocessing, fast_path_covers, preprocessing_from_config
 from vllm_terratorch.io.schema import GeoTiffRequest, PredictionOutput
 from vllm_terratorch.io.settings import IOSettings, load_io_settings
 from vllm_terratorch.io.sources import SourcePolicy
-from vllm_terratorch.io.tiling import TilePlan, extract_tiles, plan_tiles, stitch, tiling_from_config
+from vllm_terratorch.io.tiling import TilePlan, cut_tiles, plan_tiles, tiling_from_config
 from vllm_terratorch.log import logger
 
 
@@ -67,24 +68,51 @@ class GeoTiffPipeline:
         self.settings = settings if settings is not None else load_io_settings()
         self.policy = SourcePolicy(self.settings, allowed_local_media_path, allowed_media_domains)
         spec = pretrained_cfg.input
-        self.image_name = spec.image_input
+        self.image_names = spec.image_inputs
+        if not self.image_names:
+            raise ConfigError(f"pretrained_cfg.input: no input of rank >= 3 ({list(spec.data)}) is an image; set input.target")
+        self.image_name = self.image_names[0]
+        # Several image inputs: a multi-modal model (TerraMind), one GeoTIFF per modality per request.
+        self.modalities = self.image_names if len(self.image_names) > 1 else None
         image_shape = spec.data[self.image_name].shape
         self.model_bands = int(image_shape[0])
         # A (C, T, H, W) image input: a multi-temporal model, T frames (time steps) per request.
-        self.frames = int(image_shape[1]) if len(image_shape) == 4 else None
+        self.frames = int(image_shape[1]) if len(image_shape) == 4 and self.modalities is None else None
         self.limits = RasterLimits(self.settings.max_pixels, self.settings.max_raster_bytes)
         self.outputs = OutputPolicy([self.settings.output_path, *self.settings.allowed_output_paths])
         self._model_order_logged = False
-        self.preprocessing: Preprocessing = preprocessing_from_config(pretrained_cfg.data, image_shape[0])
+        self.extra_inputs = [name for name in spec.data if name not in self.image_names]
+        unsupported = [name for name in self.extra_inputs if name not in COORDINATE_INPUTS]
+        if unsupported or (self.modalities and self.extra_inputs):
+            raise ConfigError(
+                f"the {self.task} IO processor can derive the image(s), location_coords and temporal_coords (one-image "
+                f"models) from GeoTIFFs, but this model also takes {unsupported or self.extra_inputs}; use the offline "
+                "API to pass them"
+            )
+        sizes = {name: tuple(spec.data[name].shape[-2:]) for name in self.image_names}
+        if len(set(sizes.values())) != 1:
+            raise ConfigError(f"pretrained_cfg.input: the image inputs differ in size {sizes}; they are tiled together")
+        # The hand-written datamodule pipeline where it covers the config, else the datamodule itself;
+        # a time-series model whose datamodule expands one stacked file also takes that file, through it.
+        data = pretrained_cfg.data
+        self.fast = self.modalities is None and fast_path_covers(data)
+        stacked = self.frames is not None and bool(((data or {}).get("init_args") or {}).get("expand_temporal_dimension"))
+        self.datamodule: DatamoduleInputs | None = None
+        self.preprocessing = Preprocessing(masks_nodata=False)
+        if self.fast:
+            self.preprocessing = preprocessing_from_config(data, image_shape[0])
+        if (not self.fast or stacked) and takes_predict_folder(data):
+            self.datamodule = DatamoduleInputs(data or {}, self.image_names)
+        elif not self.fast:
+            if self.modalities is None:
+                preprocessing_from_config(data, image_shape[0])  # raises, saying what it cannot reproduce
+            raise ConfigError(
+                f"the model's inputs ({', '.join(self.image_names)}) must be read through its datamodule, and "
+                "pretrained_cfg.data names none that reads a folder (predict_data_root), e.g. "
+                "terratorch.datamodules.GenericMultiModalDataModule"
+            )
         init_args = pretrained_cfg.model.init_args
         self.tiling = tiling_from_config(init_args.get("tiled_inference_parameters"), (image_shape[-2], image_shape[-1]))
-        self.extra_inputs = [name for name in spec.data if name != self.image_name]
-        unsupported = [name for name in self.extra_inputs if name not in COORDINATE_INPUTS]
-        if unsupported:
-            raise ConfigError(
-                f"the {self.task} IO processor can derive an image, location_coords and temporal_coords from a GeoTIFF, "
-                f"but this model also takes {unsupported}; use the offline API to pass them"
-            )
 
     @classmethod
     def for_model_folder(cls, model_dir: str | Path, dtype: torch.dtype, settings: IOSettings | None = None) -> GeoTiffPipeline:
@@ -93,15 +121,21 @@ class GeoTiffPipeline:
 
     def describe(self) -> str:
         c = self.tiling
-        return (f"{self.task} IO processor: tiles {c.h_crop}x{c.w_crop} stride {c.h_stride}x{c.w_stride}, "
+        inputs = f"modalities {', '.join(self.modalities)}, " if self.modalities else ""
+        reader = f"read by {self.datamodule.describe()}, " if self.datamodule is not None else ""
+        return (f"{self.task} IO processor: {inputs}{reader}tiles {c.h_crop}x{c.w_crop} stride {c.h_stride}x{c.w_stride}, "
                 f"outputs under {self.settings.output_path}")
 
     # A request, start to finish ------------------------------------------------------------
 
     def read(self, request: GeoTiffRequest) -> list[bytes]:
-        """The bytes of each of the request's GeoTIFFs (inline, a path or a URL, within the server's policy)."""
-        self._check_frame_count(request)
-        return [self.policy.read(item, request.data_format) for item in request.items]
+        """The bytes of each of the request's GeoTIFFs (inline, a path or a URL, within the server's
+        policy): one, one per frame in time order, or one per modality in the model's order."""
+        self._check_inputs(request)
+        if self.modalities is not None and request.modalities is None:  # a folder of modality folders
+            return self.policy.read_modality_folder(request.items[0], self.modalities)
+        items = request.items if request.modalities is None else [request.modalities[name] for name in self.modalities]
+        return [self.policy.read(item, request.data_format) for item in items]
 
     def output_target(self, request: GeoTiffRequest, request_id: str | None) -> OutputTarget | None:
         """Where a `path` output will go, checked now so a bad `out_path` costs no model time."""
@@ -118,26 +152,20 @@ class GeoTiffPipeline:
         """GeoTIFF bytes (one file, or one per frame) -> one engine prompt per tile, and what
         `complete` needs to finish. Every frame is cut at the same windows."""
         started = time.monotonic() if started is None else started
-        self._check_frame_count(request)
-        files = [data] if isinstance(data, bytes) else data
-        rasters = [read_geotiff(item, self.limits, lambda header: self._check_header(header, request)) for item in files]
-        _check_one_grid(rasters)
-        prepared = [self._prepare(raster, request) for raster in rasters]
+        self._check_inputs(request)
+        files = [data] if isinstance(data, bytes) else list(data)
+        check = None if self._by_datamodule(request) else (lambda header: self._check_header(header, request))
+        rasters = [read_geotiff(item, self.limits, check) for item in files]
+        check_one_grid(rasters, self.modalities)
+        images, masks = self._images(files, rasters, request)
         raster = rasters[0]
-        nodata_mask = np.logical_or.reduce([mask for _, mask in prepared])
+        nodata_mask = np.logical_or.reduce(masks)
         plan = plan_tiles(raster.height, raster.width, self.tiling)
-        if self.frames is None:
-            tiles = torch.from_numpy(extract_tiles(prepared[0][0], plan))
-        else:  # (C, T, H, W): frames side by side as channels, cut once, put back
-            image = np.stack([image for image, _ in prepared], axis=1)
-            channels, frames = image.shape[:2]
-            flat = extract_tiles(image.reshape(channels * frames, *image.shape[2:]), plan)
-            tiles = torch.from_numpy(flat.reshape(len(flat), channels, frames, *flat.shape[2:]))
-        tiles = tiles.to(self.dtype)
+        tiles = {name: cut_tiles(image, plan).to(self.dtype) for name, image in images.items()}
         extras = self._extra_inputs(rasters, request)
         now = time.monotonic()
         pending = Pending(request, plan, raster.georef, nodata_mask, now, now - started, output)
-        prompts = [tensor_prompt({self.image_name: tile, **extras}) for tile in tiles]
+        prompts = [tensor_prompt({name: tiles[name][index] for name in tiles} | extras) for index in range(len(plan))]
         return prompts, pending
 
     def complete(self, outputs: list[torch.Tensor], pending: Pending) -> bytes | dict[str, Any]:
@@ -176,8 +204,27 @@ class GeoTiffPipeline:
 
     # Steps ----------------------------------------------------------------------------------
 
-    def _check_frame_count(self, request: GeoTiffRequest) -> None:
+    def _check_inputs(self, request: GeoTiffRequest) -> None:
+        """The request's shape must be the model's: one image, T frames, or one per modality."""
+        if self.modalities is not None:
+            self._check_modalities(request)
+            return
+        if request.modalities is not None:
+            raise RequestError(
+                f"this model takes one image per request, not one per modality; got an object with {sorted(request.modalities)}"
+            )
+        if self._by_datamodule(request) and request.indices is not None:
+            assert self.datamodule is not None
+            raise RequestError(
+                f"this model's inputs are read by its datamodule ({self.datamodule.name}), which selects the bands "
+                "itself; 'indices' cannot be applied, send the file in the datamodule's band layout"
+            )
         count = len(request.items)
+        if self._by_datamodule(request):  # one file, read as the datamodule reads it (a stacked time series included)
+            steps = self.frames or 1
+            if request.dates is not None and len(request.dates) != steps:
+                raise RequestError(f"'dates' has {len(request.dates)} dates for {steps} time step(s); give one per step")
+            return
         if self.frames is None and count != 1:
             raise RequestError(f"this model takes one image per request (no time dimension); got a list of {count}")
         if self.frames is not None and count != self.frames:
@@ -187,6 +234,34 @@ class GeoTiffPipeline:
             )
         if request.dates is not None and len(request.dates) != count:
             raise RequestError(f"'dates' has {len(request.dates)} dates for {count} input(s); give one per input")
+
+    def _by_datamodule(self, request: GeoTiffRequest) -> bool:
+        """Whether this request is read by running the model's datamodule (else by the fast path)."""
+        if not self.fast:
+            return True
+        return self.datamodule is not None and self.frames is not None and len(request.items) == 1
+
+    def _check_modalities(self, request: GeoTiffRequest) -> None:
+        assert self.modalities is not None
+        expected = ", ".join(self.modalities)
+        given = request.modalities
+        if given is None:
+            if request.data_format != "path" or not isinstance(request.data, str):
+                raise RequestError(
+                    f"this multi-modal model takes one input per modality: send 'data' as an object "
+                    f'{{"{self.modalities[0]}": ..., ...}} with {expected} (or, with data_format "path", a folder '
+                    "holding one sub-folder per modality)"
+                )
+            return
+        missing = [name for name in self.modalities if name not in given]
+        unknown = [name for name in given if name not in self.modalities]
+        if missing or unknown:
+            problems = [f"missing {missing}" if missing else "", f"unknown {unknown}" if unknown else ""]
+            raise RequestError(
+                f"this model takes the modalities {expected}, one input each; {' and '.join(p for p in problems if p)}"
+            )
+        if request.dates is not None:
+            raise RequestError("'dates' is for time series (a list of inputs); this multi-modal model takes no dates")
 
     def _check_header(self, header: RasterHeader, request: GeoTiffRequest) -> None:
         """Refuse a band layout the model cannot take before any pixel is decoded."""
@@ -212,16 +287,40 @@ class GeoTiffPipeline:
             )
         return preprocessing
 
+    def _images(
+        self, files: list[bytes], rasters: list[Raster], request: GeoTiffRequest,
+    ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        """The model-ready image of each image input, and each file's nodata mask (1, H, W)."""
+        if not self._by_datamodule(request):
+            prepared = [self._prepare(raster, request) for raster in rasters]
+            images = [image for image, _ in prepared]
+            # A time series: (C, T, H, W), the frames in time order.
+            image = images[0] if self.frames is None else np.stack(images, axis=1)
+            return {self.image_name: image}, [mask for _, mask in prepared]
+        assert self.datamodule is not None
+        if self.modalities is None and len(files) != 1:
+            raise RequestError(
+                f"this model's inputs are read by its datamodule ({self.datamodule.name}), one file per request "
+                f"(with expand_temporal_dimension, one file holding every time step); got {len(files)}"
+            )
+        images = self.datamodule.run(dict(zip(self.modalities or [self.image_name], files, strict=True)))
+        raster = rasters[0]
+        for name, image in images.items():
+            if image.shape[-2:] != (raster.height, raster.width):
+                raise RequestError(
+                    f"the model's datamodule turned the {raster.height}x{raster.width} input {name} into "
+                    f"{image.shape[-2]}x{image.shape[-1]} (a resizing or cropping transform), which cannot be "
+                    "georeferenced; serve a config whose predict transforms keep the image size"
+                )
+        return images, [nodata_mask(raster.array, raster.nodata) for raster in rasters]
+
     def _prepare(self, raster: Raster, request: GeoTiffRequest) -> tuple[np.ndarray, np.ndarray]:
         """Model-ready float32 image (C, H, W) and the input's nodata mask (1, H, W)."""
         array = raster.array
         preprocessing = self._band_layout(array.shape[0], request)
         if request.indices is not None:
             array = array[request.indices]
-        invalid = ~np.isfinite(array) if np.issubdtype(array.dtype, np.floating) else np.zeros(array.shape, bool)
-        if raster.nodata is not None and np.isfinite(raster.nodata):
-            invalid |= array == raster.nodata
-        mask = invalid.any(axis=0, keepdims=True)
+        mask = nodata_mask(array, raster.nodata)
         image = preprocessing.apply(array, nodata=raster.nodata)
         if not np.isfinite(image).all():
             raise RequestError(
@@ -234,9 +333,18 @@ class GeoTiffPipeline:
         """temporal_coords (one (year, day) per frame) and location_coords (the first frame's centre)."""
         extras: dict[str, torch.Tensor] = {}
         if "temporal_coords" in self.extra_inputs:
-            names = request.items if request.data_format != "b64_json" else [None] * len(rasters)
-            days = [year_and_day(self._frame_date(index, raster, name, request)) for index, (raster, name)
-                    in enumerate(zip(rasters, names, strict=True))]
+            if self.frames is not None and len(rasters) == 1 and self.frames > 1:  # one stacked file
+                if request.dates is None:
+                    raise RequestError(
+                        f"the model takes temporal_coords, and one file holds all {self.frames} time steps (one date "
+                        f"tag at most): give 'dates', one ISO date per time step ({self.frames})"
+                    )
+                dates = list(request.dates)
+            else:
+                names = request.items if request.data_format != "b64_json" else [None] * len(rasters)
+                dates = [self._frame_date(index, raster, name, request)
+                         for index, (raster, name) in enumerate(zip(rasters, names, strict=True))]
+            days = [year_and_day(when) for when in dates]
             shape = self.pretrained_cfg.input.data["temporal_coords"].shape
             extras["temporal_coords"] = torch.tensor(days, dtype=self.dtype).reshape(shape)
         if "location_coords" in self.extra_inputs:
@@ -263,77 +371,3 @@ class GeoTiffPipeline:
 
     def render(self, outputs: list[torch.Tensor], pending: Pending) -> bytes | dict[str, Any]:
         raise NotImplementedError
-
-
-
-
-class SegmentationPipeline(GeoTiffPipeline):
-    """Class mask (uint8 GeoTIFF).
-
-    `mask_encoding: "ids"` (default): class ids, input nodata pixels 255 (the output's nodata), so a
-    multi-class mask keeps every class. `"terratorch"`: what TerraTorch's processor writes, the class
-    id times 255 wrapped to uint8 with nodata 0 (class 0 then reads as nodata, and classes above 1
-    collide), for clients that threshold at 255 or compare hashes of upstream's files.
-    """
-
-    task = "segmentation"
-    NODATA = 255
-
-    def render(self, outputs: list[torch.Tensor], pending: Pending) -> bytes | dict[str, Any]:
-        logits = stitch(outputs, pending.plan)
-        if logits.shape[0] >= self.NODATA:
-            raise RequestError(f"the model predicts {logits.shape[0]} classes; a uint8 mask holds at most 254")
-        classes = logits.argmax(axis=0)[None]
-        if self.settings.mask_encoding == "terratorch":
-            # TerraTorch: `(prediction.float().numpy() * 255.0).astype(np.uint8)`, meta nodata=0.
-            mask = (classes.astype(np.float32) * np.float32(255.0)).astype(np.uint8)
-            return encode_geotiff(mask, pending.georef, nodata=0)
-        mask = classes.astype(np.uint8)
-        mask[pending.nodata_mask] = self.NODATA
-        return encode_geotiff(mask, pending.georef, nodata=self.NODATA)
-
-
-class RegressionPipeline(GeoTiffPipeline):
-    """Per-pixel values (float32 GeoTIFF); input nodata pixels are NaN, the output's nodata value."""
-
-    task = "regression"
-
-    def render(self, outputs: list[torch.Tensor], pending: Pending) -> bytes | dict[str, Any]:
-        values = stitch(outputs, pending.plan).astype(np.float32)
-        values[np.broadcast_to(pending.nodata_mask, values.shape)] = np.nan
-        return encode_geotiff(values, pending.georef, nodata=float("nan"))
-
-
-class ClassificationPipeline(GeoTiffPipeline):
-    """Class probabilities of the whole image (JSON): tile logits averaged, then softmax."""
-
-    task = "classification"
-    writes_raster = False
-
-    def render(self, outputs: list[torch.Tensor], pending: Pending) -> bytes | dict[str, Any]:
-        logits = torch.stack([out.float().reshape(-1) for out in outputs]).mean(dim=0)
-        probabilities = torch.softmax(logits, dim=0).tolist()
-        names = (self.pretrained_cfg.data or {}).get("init_args", {}).get("class_names")
-        result = {
-            "predicted_class": int(np.argmax(probabilities)),
-            "probabilities": probabilities,
-            "tiles": len(outputs),
-        }
-        if isinstance(names, list) and len(names) == len(probabilities):
-            result["class_names"] = names
-        return result
-
-
-def _check_one_grid(rasters: list[Raster]) -> None:
-    """The frames of a time series must share one grid (they are stacked pixel by pixel)."""
-    first = rasters[0]
-    for index, raster in enumerate(rasters[1:], start=2):
-        for what, mine, theirs in (("size", (raster.height, raster.width), (first.height, first.width)),
-                                   ("CRS", raster.crs, first.crs), ("transform", raster.transform, first.transform)):
-            if mine != theirs:
-                raise RequestError(f"input {index} is not on input 1's grid: its {what} is {mine}, input 1's is {theirs}")
-
-
-PIPELINES: dict[str, type[GeoTiffPipeline]] = {
-    pipeline.task: pipeline for pipeline in (SegmentationPipeline, RegressionPipeline, ClassificationPipeline)
-}

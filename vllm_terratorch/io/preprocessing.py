@@ -112,6 +112,22 @@ def check_band_count(preprocessing: Preprocessing, file_bands: int) -> None:
     raise InputError(f"the GeoTIFF has {file_bands} bands; {what}")
 
 
+def fast_path_covers(data: Mapping[str, Any] | None) -> bool:
+    """Whether the hand-written pipeline reproduces this datamodule (else the datamodule is run)."""
+    if not isinstance(data, Mapping) or not data.get("class_path"):
+        return True  # no datamodule: the image as it is
+    class_path = str(data["class_path"])
+    name = class_path.rsplit(".", 1)[-1]
+    if name not in SUPPORTED or not (class_path == name or class_path.startswith("terratorch.")):
+        return False
+    args = data.get("init_args") or {}
+    try:
+        _check_transform(args, "predict_transform" if name == SEN1FLOODS11 else "test_transform")
+    except ConfigError:
+        return False
+    return True
+
+
 def preprocessing_from_config(data: Mapping[str, Any] | None, num_model_bands: int | None) -> Preprocessing:
     """Derive the pipeline from `pretrained_cfg.data` without instantiating the datamodule.
 

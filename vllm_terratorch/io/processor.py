@@ -24,13 +24,8 @@ from vllm.pooling_params import PoolingParams
 from vllm_terratorch.core.config import pretrained_cfg_of
 from vllm_terratorch.engine.compat import preprocess_off_the_event_loop
 from vllm_terratorch.errors import RequestError
-from vllm_terratorch.io.pipeline import (
-    ClassificationPipeline,
-    GeoTiffPipeline,
-    Pending,
-    RegressionPipeline,
-    SegmentationPipeline,
-)
+from vllm_terratorch.io.pipeline import GeoTiffPipeline, Pending
+from vllm_terratorch.io.tasks import ClassificationPipeline, RegressionPipeline, SegmentationPipeline
 from vllm_terratorch.io.schema import GeoTiffRequest, PredictionOutput, parse_request
 from vllm_terratorch.io.settings import load_io_settings
 from vllm_terratorch.log import logger

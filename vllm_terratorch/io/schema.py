@@ -17,6 +17,8 @@ OutDataFormat = Literal["path", "b64_json"]
 
 # Frames of one time-series request at most (a model takes as many as its config says).
 MAX_FRAMES = 64
+# Modalities of one multi-modal request at most (TerraMind has 9 input modalities).
+MAX_MODALITIES = 16
 
 # What upstream clients send as `image_format` (vLLM's examples "tiff", TerraTorch's tests ""); the
 # field selects nothing (every input is read as a GeoTIFF), so only values naming TIFF are accepted.
@@ -24,7 +26,7 @@ IMAGE_FORMATS = ("", "tiff", "tif", "geotiff", "geotif", "cog")
 
 
 class GeoTiffRequest(BaseModel):
-    """`request["data"]`: one GeoTIFF in (or one per time step), one prediction out.
+    """`request["data"]`: one GeoTIFF in (or one per time step, or one per modality), one prediction out.
 
     Fields we do not read are ignored (logged at debug level), as upstream's processors do, so
     clients written for them keep working; every field we read is validated strictly.
@@ -32,9 +34,11 @@ class GeoTiffRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    data: str | list[str]
+    data: str | list[str] | dict[str, str]
     """The URL, the local path, or the base64-encoded GeoTIFF, as `data_format` says; for a
-    multi-temporal model, a list of them in time order (one per frame, all on one grid)."""
+    multi-temporal model, a list of them in time order (one per frame, all on one grid); for a
+    multi-modal model, an object with one per modality (`{"S2L2A": ..., "S1RTC": ...}`), or with
+    `data_format: "path"` a folder holding one sub-folder per modality (upstream's layout)."""
     data_format: DataFormat
     out_data_format: OutDataFormat = "b64_json"
     image_format: str = "geoTiff"
@@ -50,8 +54,13 @@ class GeoTiffRequest(BaseModel):
 
     @field_validator("data")
     @classmethod
-    def _items_given(cls, value: str | list[str]) -> str | list[str]:
-        items = [value] if isinstance(value, str) else value
+    def _items_given(cls, value: str | list[str] | dict[str, str]) -> str | list[str] | dict[str, str]:
+        if isinstance(value, dict):
+            if not value or len(value) > MAX_MODALITIES:
+                raise ValueError(f"give one input per modality, 1 to {MAX_MODALITIES} of them")
+            if any(not key for key in value):
+                raise ValueError("a modality name is empty")
+        items = [value] if isinstance(value, str) else list(value.values()) if isinstance(value, dict) else value
         if not items or len(items) > MAX_FRAMES:
             raise ValueError(f"give one input, or a list of 1 to {MAX_FRAMES} inputs (one per time step)")
         if any(not item for item in items):
@@ -60,8 +69,15 @@ class GeoTiffRequest(BaseModel):
 
     @property
     def items(self) -> list[str]:
-        """The request's inputs: one, or one per time step."""
+        """The request's inputs: one, one per time step, or one per modality."""
+        if isinstance(self.data, dict):
+            return list(self.data.values())
         return [self.data] if isinstance(self.data, str) else list(self.data)
+
+    @property
+    def modalities(self) -> dict[str, str] | None:
+        """The inputs by modality, for a request that names them."""
+        return dict(self.data) if isinstance(self.data, dict) else None
 
     @field_validator("image_format")
     @classmethod

@@ -50,7 +50,8 @@ class SourcePolicy:
         except (binascii.Error, ValueError):
             raise RequestError("data is not valid base64 (data_format b64_json expects a base64-encoded GeoTIFF)") from None
 
-    def read_path(self, text: str) -> bytes:
+    def _local(self, text: str) -> Path:
+        """`text` resolved (symlinks and `..`), refused unless it lies under the allowed media folder."""
         if self.allowed_root is None:
             raise SourceNotAllowedError(
                 "this server reads no local files: start it with --allowed-local-media-path DIR to allow "
@@ -62,6 +63,30 @@ class SourcePolicy:
         resolved = Path(os.path.realpath(candidate))
         if not resolved.is_relative_to(self.allowed_root):
             raise SourceNotAllowedError(f"path {text!r} is outside the allowed media folder {self.allowed_root}")
+        return resolved
+
+    def read_modality_folder(self, text: str, modalities: list[str]) -> list[bytes]:
+        """Upstream's multi-modal layout: a folder with one sub-folder per modality, one file in each."""
+        folder = self._local(text)
+        if not folder.is_dir():
+            raise RequestError(
+                f"path {text!r} is not a folder; this multi-modal model takes a folder with one sub-folder per "
+                f"modality ({', '.join(modalities)}), or 'data' as an object with one input per modality"
+            )
+        out = []
+        for modality in modalities:
+            sub = folder / modality
+            files = sorted(p for p in sub.iterdir() if not p.name.startswith(".")) if sub.is_dir() else []
+            if len(files) != 1:
+                found = "no such sub-folder" if not sub.is_dir() else f"{len(files)} files"
+                raise RequestError(
+                    f"{text!r} must hold one sub-folder per modality with one GeoTIFF each; {modality}/: {found}"
+                )
+            out.append(self.read_path(str(files[0])))
+        return out
+
+    def read_path(self, text: str) -> bytes:
+        resolved = self._local(text)
         try:
             fd = os.open(resolved, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:

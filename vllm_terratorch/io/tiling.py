@@ -172,3 +172,12 @@ def stitch(
         total[:, top : top + c.h_crop, left : left + c.w_crop] += tile * weight
         weights[top : top + c.h_crop, left : left + c.w_crop] += weight
     return (total / weights)[:, : plan.height, : plan.width].astype(np.float32)
+
+
+def cut_tiles(image: np.ndarray, plan: TilePlan) -> torch.Tensor:
+    """The plan's tiles of a (C, H, W) or (C, T, H, W) image; time steps are cut as extra channels."""
+    if image.ndim == 3:
+        return torch.from_numpy(extract_tiles(image, plan))
+    channels, frames = image.shape[:2]
+    flat = extract_tiles(image.reshape(channels * frames, *image.shape[2:]), plan)
+    return torch.from_numpy(flat.reshape(len(flat), channels, frames, *flat.shape[2:]))

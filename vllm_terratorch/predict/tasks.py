@@ -58,7 +58,7 @@ def worker_init() -> None:
     import torch
 
     torch.set_num_threads(1)
-    import vllm_terratorch.io.pipeline  # noqa: F401  (rasterio, pydantic, the config parsing)
+    import vllm_terratorch.io.tasks  # noqa: F401  (rasterio, pydantic, the config parsing)
 
 
 def warm_up(spec: ProcessorSpec | None = None) -> int:

@@ -36,12 +36,16 @@ def _prithvi_args(backbone: str, indices: list[int]) -> dict[str, Any]:
     }
 
 
-def _datamodule(image_size: int, kind: str) -> dict[str, Any]:
+def _datamodule(image_size: int, kind: str, num_classes: int | None) -> dict[str, Any]:
+    classes = {} if num_classes is None else {"num_classes": num_classes}
     return {
         "class_path": f"terratorch.datamodules.GenericNonGeo{kind}DataModule",
         "init_args": {
             "batch_size": 4,
             "num_workers": 0,
+            # The fine-tune's training folders, as its YAML names them: never read when serving.
+            **{f"{split}_data_root": f"data/{split}" for split in ("train", "val", "test")},
+            **classes,
             "dataset_bands": list(BANDS),
             "output_bands": list(BANDS),
             "rgb_indices": [2, 1, 0],
@@ -135,7 +139,80 @@ def sample_pretrained_cfg(
                 **tiling,
             },
         },
-        "data": _datamodule(image_size, data),
+        "data": _datamodule(image_size, data, model_args.get("num_classes")),
+    }
+
+
+# TerraMind's input modalities (bands per modality fixed by its patch embeddings), with statistics
+# in the units files carry them (S2 L2A digital numbers, S1 RTC backscatter, DEM metres).
+TERRAMIND_BANDS = {"S2L2A": 12, "S1RTC": 2, "S1GRD": 2, "DEM": 1}
+TERRAMIND_STATS = {
+    "S2L2A": ([1390.5, 1503.3, 1718.0, 1853.9, 2199.1, 2779.9, 2987.2, 3083.2, 3132.4, 3162.0, 2424.9, 1857.9],
+              [2106.8, 2141.1, 2038.6, 2134.6, 2085.3, 1889.4, 1820.3, 1871.3, 1753.1, 1797.7, 1434.3, 1334.3]),
+    "S1RTC": ([-10.93, -17.33], [4.39, 4.17]),
+    "S1GRD": ([-12.59, -20.26], [5.26, 5.91]),
+    "DEM": ([670.66], [951.27]),
+}
+
+
+def sample_terramind_cfg(
+    modalities: tuple[str, ...] = ("S2L2A", "S1RTC"), *, image_size: int = 64, num_classes: int = 2,
+) -> dict[str, Any]:
+    """A multi-modal TerraMind segmentation `pretrained_cfg` (TerraTorch's smallest TerraMind
+    backbone), read by `GenericMultiModalDataModule` as TerraMind fine-tunes are: one image input
+    per modality, named after it, forward gets the dict of modalities."""
+    unknown = [name for name in modalities if name not in TERRAMIND_BANDS]
+    if unknown:
+        raise ValueError(f"unknown TerraMind modalities {unknown}; expected some of {list(TERRAMIND_BANDS)}")
+    names = list(modalities)
+    stride = image_size * 3 // 4
+    return {
+        "seed_everything": 0,
+        "input": {"data": {name: {"type": "torch.Tensor", "shape": [TERRAMIND_BANDS[name], image_size, image_size]}
+                           for name in names}},
+        "model": {
+            "class_path": "terratorch.tasks.SemanticSegmentationTask",
+            "init_args": {
+                "model_factory": "EncoderDecoderFactory",
+                "model_args": {
+                    "backbone": "terramind_v1_tiny",
+                    "backbone_pretrained": True,  # as fine-tunes ship it; building turns it off
+                    "backbone_modalities": names,
+                    "necks": [
+                        {"name": "SelectIndices", "indices": [2, 5, 8, 11]},
+                        {"name": "ReshapeTokensToImage", "remove_cls_token": False},
+                        {"name": "LearnedInterpolateToPyramidal"},
+                    ],
+                    "decoder": "UNetDecoder",
+                    "decoder_channels": [64, 32, 16, 8],
+                    "num_classes": num_classes,
+                    "head_dropout": 0.0,
+                },
+                "loss": "ce",
+                "ignore_index": -1,
+                "lr": 0.0001,
+                "tiled_inference_parameters": {"h_crop": image_size, "w_crop": image_size, "h_stride": stride, "w_stride": stride},
+            },
+        },
+        "data": {
+            "class_path": "terratorch.datamodules.GenericMultiModalDataModule",
+            "init_args": {
+                "task": "segmentation",
+                "batch_size": 8,
+                "num_workers": 0,
+                "modalities": names,
+                # The training folders of the fine-tune: never read when serving.
+                **{f"{split}_data_root": {name: f"data/{split}/{name}" for name in names} for split in ("train", "val", "test")},
+                **{f"{split}_label_data_root": f"data/{split}/label" for split in ("train", "val", "test")},
+                "image_grep": {name: f"*_{name}.tif" for name in names},
+                "label_grep": "*_label.tif",
+                "means": {name: TERRAMIND_STATS[name][0] for name in names},
+                "stds": {name: TERRAMIND_STATS[name][1] for name in names},
+                "num_classes": num_classes,
+                "no_data_replace": 0,
+                "no_label_replace": -1,
+            },
+        },
     }
 
 

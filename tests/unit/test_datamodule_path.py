@@ -1,0 +1,172 @@
+"""The general path (the model's own datamodule run on a folder holding the request's files) against
+TerraTorch's own code, and the hand-written fast path against the general path, bit for bit.
+
+The reference is TerraTorch's vLLM helper `generate_datamodule` (what its TerraMind IO processor
+calls) on a folder laid out as its docs say, `setup("predict")`, one batch, `datamodule.aug`: none
+of our code is involved in computing it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from vllm_terratorch.core.config import parse_pretrained_cfg
+from vllm_terratorch.errors import ConfigError, RequestError
+from vllm_terratorch.io.datamodule import DatamoduleInputs, takes_predict_folder
+from vllm_terratorch.io.preprocessing import fast_path_covers
+from vllm_terratorch.io.schema import parse_request
+from vllm_terratorch.io.tasks import RegressionPipeline, SegmentationPipeline
+from vllm_terratorch.testing.samples import (
+    BANDS,
+    sample_pretrained_cfg,
+    sample_terramind_cfg,
+    write_sample_geotiff,
+)
+
+
+def terratorch_predict_batch(data_cfg: dict, predict_root) -> dict | torch.Tensor:
+    """TerraTorch's own predict pipeline, as its TerraMind IO processor runs it."""
+    from terratorch.vllm.plugins import generate_datamodule
+
+    cfg = copy.deepcopy(data_cfg)
+    cfg["init_args"]["predict_data_root"] = predict_root
+    datamodule = generate_datamodule(cfg)
+    datamodule.batch_size = 1
+    datamodule.setup("predict")
+    batch = next(iter(datamodule.predict_dataloader()))
+    return datamodule.aug(batch)["image"]
+
+
+def with_nodata(path: Path, value: int = -9999) -> Path:
+    """Some pixels set to the file's nodata value (the datamodule replaces them)."""
+    with rasterio.open(path, "r+") as target:
+        array = target.read()
+        array[:, 3:9, 5:11] = value
+        target.write(array)
+    return path
+
+
+def pipeline(cfg: dict, cls=SegmentationPipeline, media: Path | None = None):
+    return cls(parse_pretrained_cfg(cfg), torch.float32, allowed_local_media_path=str(media) if media else None)
+
+
+def image_of(pipe, files: list[Path] | dict[str, Path], **request) -> dict[str, torch.Tensor]:
+    """The untiled model input of a request whose image is exactly one tile."""
+    data = {k: str(v) for k, v in files.items()} if isinstance(files, dict) else [str(p) for p in files]
+    parsed = parse_request({"data": data if len(data) != 1 or isinstance(data, dict) else data[0],
+                            "data_format": "path", **request})
+    prompts, pending = pipe.prepare(pipe.read(parsed), parsed)
+    assert len(prompts) == 1
+    return dict(prompts[0]["multi_modal_data"]["image"])
+
+
+@pytest.mark.parametrize("task", ["segmentation", "regression"])
+def test_the_fast_path_equals_the_datamodule_bit_for_bit(tmp_path, task):
+    cfg = sample_pretrained_cfg(task)
+    assert fast_path_covers(cfg["data"]) and takes_predict_folder(cfg["data"])
+    scene = with_nodata(write_sample_geotiff(tmp_path / "scene_S2Hand.tif", 64, 64, seed=3))
+    fast = pipeline(cfg)._prepare(_raster(scene), parse_request({"data": "x", "data_format": "path"}))[0]
+    general = DatamoduleInputs(cfg["data"], ["image"]).run({"image": scene.read_bytes()})["image"]
+    reference = terratorch_predict_batch(cfg["data"], str(tmp_path))[0].numpy()
+    assert general.dtype == fast.dtype == np.float32
+    assert np.array_equal(general, reference)
+    assert np.array_equal(fast, general)
+
+
+def test_the_fast_path_equals_the_datamodule_when_it_selects_bands(tmp_path):
+    cfg = sample_pretrained_cfg("segmentation")
+    cfg["data"]["init_args"]["dataset_bands"] = ["COASTAL", *BANDS, "CLOUD"]  # the file has 8; the model takes 6
+    scene = with_nodata(write_sample_geotiff(tmp_path / "scene_S2Hand.tif", 64, 64, bands=8, seed=4))
+    fast = pipeline(cfg)._prepare(_raster(scene), parse_request({"data": "x", "data_format": "path"}))[0]
+    reference = terratorch_predict_batch(cfg["data"], str(tmp_path))[0].numpy()
+    assert fast.shape == (6, 64, 64)
+    assert np.array_equal(fast, reference)
+
+
+def _raster(path: Path):
+    from vllm_terratorch.io.geotiff import RasterLimits, read_geotiff
+
+    return read_geotiff(path.read_bytes(), RasterLimits(10**8, 10**10))
+
+
+@pytest.mark.parametrize("task", ["segmentation", "regression"])
+def test_a_multimodal_datamodule_is_run_as_terratorch_runs_it(tmp_path, task):
+    """GenericMultiModalDataModule (outside the hand-written four), two of its dataset classes."""
+    cfg = sample_terramind_cfg(("S2L2A", "S1RTC", "DEM"))
+    cfg["data"]["init_args"]["task"] = task
+    assert not fast_path_covers(cfg["data"]) and takes_predict_folder(cfg["data"])
+    folder = tmp_path / "scene"
+    for seed, (name, bands) in enumerate({"S2L2A": 12, "S1RTC": 2, "DEM": 1}.items()):
+        (folder / name).mkdir(parents=True)
+        with_nodata(write_sample_geotiff(folder / name / f"tile_{name}.tif", 64, 64, bands=bands, seed=seed))
+    reference = terratorch_predict_batch(cfg["data"], {name: str(folder / name) for name in ("S2L2A", "S1RTC", "DEM")})
+    cls = SegmentationPipeline if task == "segmentation" else RegressionPipeline
+    pipe = pipeline(cfg, cls, media=tmp_path)
+    assert pipe.modalities == ["S2L2A", "S1RTC", "DEM"] and pipe.datamodule is not None
+    by_name = image_of(pipe, {name: folder / name / f"tile_{name}.tif" for name in ("S1RTC", "DEM", "S2L2A")})
+    as_folder = image_of(pipe, [folder])  # upstream's layout: one sub-folder per modality
+    for name in ("S2L2A", "S1RTC", "DEM"):
+        assert np.array_equal(by_name[name].numpy(), reference[name][0].numpy()), name
+        assert np.array_equal(as_folder[name].numpy(), reference[name][0].numpy()), name
+
+
+def test_a_stacked_time_series_file_is_read_by_the_datamodule_and_equals_the_frames_form(tmp_path):
+    """expand_temporal_dimension: one file of T x C bands (grouped per time step) or T files."""
+    cfg = sample_pretrained_cfg("regression", frames=3)
+    cfg["data"]["init_args"]["expand_temporal_dimension"] = True
+    frames = [write_sample_geotiff(tmp_path / f"f{t}.tif", 64, 64, seed=10 + t, date=f"2024-0{t + 1}-10") for t in range(3)]
+    arrays = [rasterio.open(path).read() for path in frames]
+    stacked = tmp_path / "series_S2Hand.tif"
+    with rasterio.open(frames[0]) as source:
+        profile = source.profile | {"count": 18}
+    with rasterio.open(stacked, "w", **profile) as target:
+        target.write(np.concatenate(arrays))
+        target.update_tags(TIFFTAG_DATETIME="2024:01:10 10:30:00")
+    pipe = pipeline(cfg, RegressionPipeline, media=tmp_path)
+    assert pipe.fast and pipe.datamodule is not None
+    as_frames = image_of(pipe, frames)
+    dates = ["2024-01-10", "2024-02-10", "2024-03-10"]
+    as_one_file = image_of(pipe, [stacked], dates=dates)
+    assert as_one_file["x"].shape == (6, 3, 64, 64)
+    assert torch.equal(as_frames["x"], as_one_file["x"])
+    assert torch.equal(as_frames["temporal_coords"], as_one_file["temporal_coords"])
+    with pytest.raises(RequestError, match="give 'dates', one ISO date per time step"):
+        image_of(pipe, [stacked])
+
+
+def test_datamodules_that_cannot_read_a_folder_are_refused_at_start_up():
+    cfg = sample_pretrained_cfg("segmentation")
+    cfg["data"] = {"class_path": "terratorch.datamodules.FireScarsNonGeoDataModule", "init_args": {"data_root": "x"}}
+    assert not takes_predict_folder(cfg["data"])
+    with pytest.raises(ConfigError, match="FireScarsNonGeoDataModule"):
+        pipeline(cfg)
+    tm = sample_terramind_cfg()
+    tm["data"]["init_args"]["modalities"] = ["S2L2A"]
+    with pytest.raises(ConfigError, match="not the modalities of its datamodule"):
+        pipeline(tm)
+
+
+def test_bad_multimodal_requests_say_what_is_expected(tmp_path):
+    pipe = pipeline(sample_terramind_cfg(), media=tmp_path)
+    s2 = write_sample_geotiff(tmp_path / "a_S2L2A.tif", 64, 64, bands=12)
+    s1 = write_sample_geotiff(tmp_path / "a_S1RTC.tif", 64, 64, bands=2)
+    shifted = write_sample_geotiff(tmp_path / "b_S1RTC.tif", 64, 64, bands=2, origin=(725300.0, 4375000.0))
+    cases = [
+        ({"data": {"S2L2A": str(s2)}}, "missing ['S1RTC']"),
+        ({"data": {"S2L2A": str(s2), "S1RTC": str(s1), "DEM": str(s1)}}, "unknown ['DEM']"),
+        ({"data": [str(s2), str(s1)]}, "one input per modality"),
+        ({"data": str(s2)}, "is not a folder"),
+        ({"data": str(tmp_path)}, "S2L2A/: no such sub-folder"),
+        ({"data": {"S2L2A": str(s2), "S1RTC": str(shifted)}}, "S1RTC is not on S2L2A's grid: its transform"),
+        ({"data": {"S2L2A": str(s1), "S1RTC": str(s1)}}, "could not read the input"),
+    ]
+    for request, message in cases:
+        with pytest.raises(RequestError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            parsed = parse_request(request | {"data_format": "path"})
+            pipe.prepare(pipe.read(parsed), parsed)
