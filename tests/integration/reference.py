@@ -1,5 +1,5 @@
 """Independent plain-PyTorch references, no vllm_terratorch code: the datamodule's normalisation of
-a scene, and the sliding window (reflect-pad, run every window, blend overlaps with linear ramps,
+a scene (by hand, or by TerraTorch's own datamodule), and the sliding window (reflect-pad, run every window, blend overlaps with linear ramps,
 the documented blending, crop back)."""
 
 from __future__ import annotations
@@ -20,6 +20,21 @@ def normalised_scene(path, means: list[float], stds: list[float], scale: float =
     mean = np.array(means, dtype=np.float32)[:, None, None]
     std = np.array(stds, dtype=np.float32)[:, None, None]
     return torch.from_numpy((pixels - mean) / std)[None], terratorch_location_coords(path)[None]
+
+
+def terratorch_predict_inputs(data_cfg: dict, predict_root) -> dict | torch.Tensor:
+    """TerraTorch's own predict pipeline, as its TerraMind IO processor runs it: the datamodule built
+    by TerraTorch's vLLM helper with its predict root on the files, one batch, `datamodule.aug`."""
+    import copy
+
+    from terratorch.vllm.plugins import generate_datamodule
+
+    cfg = copy.deepcopy(data_cfg)
+    cfg["init_args"]["predict_data_root"] = predict_root
+    datamodule = generate_datamodule(cfg)
+    datamodule.batch_size = 1
+    datamodule.setup("predict")
+    return datamodule.aug(next(iter(datamodule.predict_dataloader())))["image"]
 
 
 def terratorch_location_coords(path) -> torch.Tensor:

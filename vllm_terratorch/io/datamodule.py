@@ -83,8 +83,9 @@ class DatamoduleInputs:
     def describe(self) -> str:
         return f"the model's datamodule {self.name} (general path)"
 
-    def run(self, files: Mapping[str, bytes]) -> dict[str, np.ndarray]:
-        """The model-ready float32 image of each input name, without the batch dimension."""
+    def run(self, files: Mapping[str, bytes], hint: str = "") -> dict[str, np.ndarray]:
+        """The model-ready float32 image of each input name, without the batch dimension; `hint`
+        (what the files hold against what the model takes) is added to the datamodule's errors."""
         with tempfile.TemporaryDirectory(prefix="vllm-terratorch-") as scratch:
             root = Path(scratch)
             for name, data in files.items():
@@ -98,7 +99,8 @@ class DatamoduleInputs:
                 batch = next(iter(datamodule.predict_dataloader()))
                 image = datamodule.aug(batch)["image"]
             except Exception as error:  # the datamodule's own message says what it could not read
-                raise RequestError(f"the model's datamodule ({self.name}) could not read the input: {error}") from None
+                hint = f" ({hint})" if hint else ""
+                raise RequestError(f"the model's datamodule ({self.name}) could not read the input{hint}: {error}") from None
         images = image if isinstance(image, Mapping) else {self.names[0]: image}
         missing = [name for name in self.names if name not in images]
         if missing:

@@ -303,9 +303,18 @@ class GeoTiffPipeline:
                 f"this model's inputs are read by its datamodule ({self.datamodule.name}), one file per request "
                 f"(with expand_temporal_dimension, one file holding every time step); got {len(files)}"
             )
-        images = self.datamodule.run(dict(zip(self.modalities or [self.image_name], files, strict=True)))
+        names = self.modalities or [self.image_name]
+        hint = "bands per input: " + ", ".join(f"{name} {raster.array.shape[0]}" for name, raster in zip(names, rasters)) + (
+            "; the model takes " + ", ".join(f"{name} {self.pretrained_cfg.input.data[name].shape[0]}" for name in names))
+        images = self.datamodule.run(dict(zip(names, files, strict=True)), hint)
         raster = rasters[0]
         for name, image in images.items():
+            expected = self.pretrained_cfg.input.data[name].shape[:-2]
+            if list(image.shape[:-2]) != expected:
+                raise RequestError(
+                    f"the model's datamodule read the input {name} as {list(image.shape[:-2])} (bands[, time steps]); "
+                    f"the model takes {expected}: check the file's band count"
+                )
             if image.shape[-2:] != (raster.height, raster.width):
                 raise RequestError(
                     f"the model's datamodule turned the {raster.height}x{raster.width} input {name} into "
