@@ -101,7 +101,12 @@ class GeoTiffPipeline:
         self.preprocessing = Preprocessing(masks_nodata=False)
         if self.fast:
             self.preprocessing = preprocessing_from_config(data, image_shape[0])
-        if (not self.fast or stacked) and takes_predict_folder(data):
+        if self.fast and stacked and takes_predict_folder(data):
+            try:  # optional here: frames sent as a list take the fast path whatever happens
+                self.datamodule = DatamoduleInputs(data or {}, self.image_names)
+            except ConfigError as error:
+                logger.warning("vllm-terratorch: one stacked time-series file per request cannot be read: %s", error)
+        elif not self.fast and takes_predict_folder(data):
             self.datamodule = DatamoduleInputs(data or {}, self.image_names)
         elif not self.fast:
             if self.modalities is None:
