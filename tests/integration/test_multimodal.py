@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -134,3 +136,19 @@ def test_bad_multimodal_requests_are_rejected_and_the_server_keeps_serving(serve
     assert message in json.dumps(response.json())
     good = server.pooling({"data": files_of(workdir, 1), "data_format": "path", "out_data_format": "b64_json"})
     assert_same_classes(mask(good)[0], reference_logits(workdir, 1))
+
+
+def test_predict_reads_scene_folders_and_equals_the_server(server, workdir):
+    """`vllm-terratorch predict` on a folder of scene folders (the modality layout, detected from the
+    model): one mask per scene, equal to the server's answer for the same folder."""
+    out = workdir / "predicted"
+    command = [sys.executable, "-m", "vllm_terratorch.predict.main", str(workdir / "model"), "--input",
+               str(workdir / "media"), "--output", str(out), "--dtype", "float32", "--workers", "2", "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["totals"]["inputs"] == summary["totals"]["ok"] == SCENES, summary["totals"]
+    for k in range(SCENES):
+        served = server.pooling({"data": str(workdir / "media" / f"scene{k}"), "data_format": "path", "out_data_format": "b64_json"})
+        with rasterio.open(out / f"scene{k}_pred.tif") as predicted:
+            assert np.array_equal(predicted.read(1), mask(served)[0]), k

@@ -48,7 +48,8 @@ class Engine:
 
 
 def tiles(scene) -> int:
-    return len(from_wire(scene["tiles"]))
+    assert all(len(from_wire(wire)) == scene["count"] for wire in scene["tiles"].values())
+    return scene["count"]
 
 
 def test_one_call_for_many_scenes_and_each_scene_gets_its_own_tiles(scenes):
@@ -56,12 +57,12 @@ def test_one_call_for_many_scenes_and_each_scene_gets_its_own_tiles(scenes):
     results = SceneEncoder(engine).run(scenes)
     assert engine.calls == 1 and [len(r.outputs) for r in results] == [tiles(s) for s in scenes] == [1, 2, 4]
     for scene, result in zip(scenes, results):
-        expected = from_wire(scene["tiles"])[:, :1]
+        expected = from_wire(scene["tiles"]["pixel_values"])[:, :1]
         assert all(torch.equal(out, exp) for out, exp in zip(result.outputs, expected))
 
 
 def test_a_bad_scene_fails_alone(scenes):
-    engine = Engine(bad=from_wire(scenes[1]["tiles"])[0].float())
+    engine = Engine(bad=from_wire(scenes[1]["tiles"]["pixel_values"])[0].float())
     encoder = SceneEncoder(engine, torch.float32)
     results = encoder.run(scenes)
     assert [r.ok for r in results] == [True, False, True]
@@ -81,7 +82,7 @@ BAD = "inference failed: RuntimeError: shape mismatch in the decoder"
     ],
 )
 def test_a_dead_engine_fails_every_scene_once_and_is_not_called_again(scenes, dies_on, errors):
-    engine = Engine(bad=from_wire(scenes[0]["tiles"])[0].float(), dies_on=dies_on)
+    engine = Engine(bad=from_wire(scenes[0]["tiles"]["pixel_values"])[0].float(), dies_on=dies_on)
     encoder = SceneEncoder(engine, torch.float32)
     assert [r.error for r in encoder.run(scenes)] == errors
     assert engine.calls == dies_on and "EngineCore encountered an issue" in encoder.fatal

@@ -67,23 +67,7 @@ class SourcePolicy:
 
     def read_modality_folder(self, text: str, modalities: list[str]) -> list[bytes]:
         """Upstream's multi-modal layout: a folder with one sub-folder per modality, one file in each."""
-        folder = self._local(text)
-        if not folder.is_dir():
-            raise RequestError(
-                f"path {text!r} is not a folder; this multi-modal model takes a folder with one sub-folder per "
-                f"modality ({', '.join(modalities)}), or 'data' as an object with one input per modality"
-            )
-        out = []
-        for modality in modalities:
-            sub = folder / modality
-            files = sorted(p for p in sub.iterdir() if not p.name.startswith(".")) if sub.is_dir() else []
-            if len(files) != 1:
-                found = "no such sub-folder" if not sub.is_dir() else f"{len(files)} files"
-                raise RequestError(
-                    f"{text!r} must hold one sub-folder per modality with one GeoTIFF each; {modality}/: {found}"
-                )
-            out.append(self.read_path(str(files[0])))
-        return out
+        return [self.read_path(str(path)) for path in modality_files(self._local(text), modalities, text)]
 
     def read_path(self, text: str) -> bytes:
         resolved = self._local(text)
@@ -183,6 +167,26 @@ class SourcePolicy:
             if time.monotonic() >= deadline:
                 raise _too_slow(url, settings) from None
             raise RequestError(f"downloading {url} failed: {type(error).__name__}") from None
+
+
+def modality_files(folder: Path, modalities: list[str], name: str | None = None) -> list[Path]:
+    """The one file in each modality's sub-folder of a scene folder, in the model's modality order
+    (the layout of TerraTorch's TerraMind processor; `predict --scene-layout modalities` too)."""
+    name = name if name is not None else str(folder)
+    if not folder.is_dir():
+        raise RequestError(
+            f"path {name!r} is not a folder; this multi-modal model takes a folder with one sub-folder per "
+            f"modality ({', '.join(modalities)}), or 'data' as an object with one input per modality"
+        )
+    out = []
+    for modality in modalities:
+        sub = folder / modality
+        files = sorted(p for p in sub.iterdir() if not p.name.startswith(".")) if sub.is_dir() else []
+        if len(files) != 1:
+            found = "no such sub-folder" if not sub.is_dir() else f"{len(files)} files"
+            raise RequestError(f"{name!r} must hold one sub-folder per modality with one GeoTIFF each; {modality}/: {found}")
+        out.append(files[0])
+    return out
 
 
 def _too_slow(url: str, settings: IOSettings) -> RequestError:

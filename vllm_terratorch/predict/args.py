@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vllm_terratorch.errors import UsageError
+from vllm_terratorch.predict.inputs import LAYOUTS
 from vllm_terratorch.registration import PLUGINS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -42,6 +43,9 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
                         help="processes decoding / encoding GeoTIFFs (default: %(default)s)")
     parser.add_argument("--chunk-tiles", type=_positive_int,
                         help="tiles sent to the engine per call, from as many scenes as needed (default: 2 x max-num-seqs)")
+    parser.add_argument("--scene-layout", choices=LAYOUTS, default="auto",
+                        help="a scene is a GeoTIFF (file), a folder of time steps (frames) or a folder of modality "
+                             "folders (modalities); default: from the model's inputs")
     parser.add_argument("--indices", type=_indices,
                         help="0-based band indices to read, in model order, e.g. 1,2,3,8,11,12 (default: from the config)")
     parser.add_argument("--overwrite", action="store_true", help="redo inputs whose output already exists")

@@ -1,4 +1,9 @@
-"""Which scenes a run has, where each prediction goes, and which earlier outputs can be kept."""
+"""Which scenes a run has, where each prediction goes, and which earlier outputs can be kept.
+
+A scene is one GeoTIFF (`file` layout), or a folder: of T GeoTIFFs in time order (`frames`, a
+multi-temporal model) or of one sub-folder per modality (`modalities`, TerraMind; the layout of
+TerraTorch's TerraMind processor). The model's input spec picks the layout unless one is given.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,59 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, Literal
 
 from vllm_terratorch.errors import UsageError
 from vllm_terratorch.registration import task_kind
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 GLOB_CHARS = "*?["
+SceneLayout = Literal["file", "frames", "modalities"]
+LAYOUTS = ("auto", "file", "frames", "modalities")
+
+
+def scene_layout(model_dir: Path, requested: str = "auto") -> tuple[SceneLayout, list[str]]:
+    """The layout of a scene for this model, and its image inputs (the modalities, in model order)."""
+    from vllm_terratorch.core.config import load_config
+
+    spec = load_config(model_dir).pretrained_cfg.input
+    images = spec.image_inputs
+    if requested in ("file", "frames", "modalities"):
+        if requested == "modalities" and len(images) < 2:
+            raise UsageError(f"--scene-layout modalities: the model takes one image ({images}), not one per modality")
+        return requested, images  # type: ignore[return-value]
+    if len(images) > 1:
+        return "modalities", images
+    if images and len(spec.data[images[0]].shape) == 4:
+        return "frames", images
+    return "file", images
+
+
+def frame_files(folder: Path) -> list[Path]:
+    """The GeoTIFFs directly in a scene folder, in name order (time order for dated names)."""
+    return sorted(f for f in folder.iterdir() if f.suffix.lower() in TIFF_SUFFIXES and f.is_file() and not f.name.startswith("."))
+
+
+def list_scene_folders(spec: str, outdir: Path, layout: SceneLayout, modalities: list[str]) -> list[tuple[Path, PurePath]]:
+    """(scene folder, path relative to the input root) for every scene folder under `spec`, sorted."""
+    root = Path(spec).expanduser()
+    if not root.is_dir():
+        raise UsageError(f"--input {spec}: with the {layout} scene layout, give a folder of scene folders")
+
+    def is_scene(folder: Path) -> bool:
+        if outdir.exists() and _is_under(folder, outdir):
+            return False
+        if layout == "modalities":
+            return all((folder / name).is_dir() for name in modalities)
+        return bool(frame_files(folder))
+
+    folders = [root, *sorted(path for path in root.rglob("*") if path.is_dir())]
+    found = []
+    for folder in folders:
+        if is_scene(folder):
+            relative = PurePath(os.path.relpath(folder, root)) if folder != root else PurePath(root.name)
+            found.append((folder, relative))
+    return found
 
 
 @dataclass
@@ -107,10 +158,13 @@ def output_complete(path: Path) -> bool:
         return False
 
 
-def prepare_items(spec: str, outdir: Path, plugin: str) -> list[Item]:
+def prepare_items(
+    spec: str, outdir: Path, plugin: str, layout: SceneLayout = "file", modalities: list[str] | None = None,
+) -> list[Item]:
     items: list[Item] = []
     owners: dict[Path, Item] = {}
-    for index, (source, relative) in enumerate(list_inputs(spec, outdir)):
+    scenes = list_inputs(spec, outdir) if layout == "file" else list_scene_folders(spec, outdir, layout, modalities or [])
+    for index, (source, relative) in enumerate(scenes):
         item = Item(index, source, relative, output_path(outdir, relative, plugin))
         item.record = {"input": str(source), "output": str(item.output), "status": "pending", "seconds": None,
                        "tiles": None, "error": None}

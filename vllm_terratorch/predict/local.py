@@ -74,7 +74,7 @@ class LocalPipeline:
         decoding: dict[Any, Item] = {}
         writing: dict[Any, tuple[Item, int]] = {}
         ready: deque[tuple[Item, dict[str, Any]]] = deque(preloaded)
-        ready_tiles = sum(len(decoded["tiles"][1]) for _, decoded in preloaded)
+        ready_tiles = sum(decoded["count"] for _, decoded in preloaded)
         decoded_scenes, decoded_tiles = len(preloaded), ready_tiles
         ahead_tiles = 2 * self.chunk_tiles
         start = time.monotonic()
@@ -94,7 +94,7 @@ class LocalPipeline:
                 except Exception as error:  # noqa: BLE001 - a worker died (e.g. out of memory)
                     decoded = {"ok": False, "error": f"worker failed: {error!r}", "started": None}
                 if decoded["ok"]:
-                    tiles = len(decoded["tiles"][1])
+                    tiles = decoded["count"]
                     item.record["tiles"] = tiles
                     ready.append((item, decoded))
                     ready_tiles += tiles
@@ -129,7 +129,7 @@ class LocalPipeline:
                 while ready and chunk_tiles < self.chunk_tiles:
                     item, decoded = ready.popleft()
                     chunk.append((item, decoded))
-                    chunk_tiles += len(decoded["tiles"][1])
+                    chunk_tiles += decoded["count"]
                 ready_tiles -= chunk_tiles
                 submit_decodes()  # keep the pool busy while the engine runs
                 for item, decoded, outputs in self._run_engine(chunk):
@@ -189,7 +189,7 @@ def run_local(args: argparse.Namespace, todo: list[Item], *, model_dir: Path, pl
             item = remaining.popleft()
             decoded = decode_scene(spec, item.index, str(item.source))
             if decoded["ok"]:
-                item.record["tiles"] = len(decoded["tiles"][1])
+                item.record["tiles"] = decoded["count"]
                 preloaded.append((item, decoded))
             else:
                 finish(item, progress, False, decoded["error"], decoded["started"])

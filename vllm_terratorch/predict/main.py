@@ -48,7 +48,7 @@ from vllm_terratorch.predict.args import (
     parse_engine_options,
 )
 from vllm_terratorch.predict.engine import check_engine_options, plugin_for_model
-from vllm_terratorch.predict.inputs import mark_done, prepare_items
+from vllm_terratorch.predict.inputs import mark_done, prepare_items, scene_layout
 from vllm_terratorch.predict.local import run_local
 from vllm_terratorch.predict.report import PipelineStats, print_totals, remove_partials, write_summary
 from vllm_terratorch.predict.tasks import describe_error
@@ -66,7 +66,8 @@ def run_predict(args: argparse.Namespace, llm: Any = None) -> int:
         outdir = Path(args.output).expanduser()
         if outdir.exists() and not outdir.is_dir():
             raise UsageError(f"--output {outdir} is a file; expected a folder")
-        items = prepare_items(args.input, outdir, plugin)
+        layout, modalities = scene_layout(model_dir, getattr(args, "scene_layout", "auto"))
+        items = prepare_items(args.input, outdir, plugin, layout, modalities)
     except UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -74,7 +75,8 @@ def run_predict(args: argparse.Namespace, llm: Any = None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_FAILED
     if not items:
-        print(f"{PROG}: error: no GeoTIFFs (*.tif, *.tiff) found in {args.input}", file=sys.stderr)
+        what = "GeoTIFFs (*.tif, *.tiff)" if layout == "file" else f"scene folders ({layout} layout)"
+        print(f"{PROG}: error: no {what} found in {args.input}", file=sys.stderr)
         return EXIT_FAILED
     outdir.mkdir(parents=True, exist_ok=True)
     mark_done(items, args.overwrite, args.workers)

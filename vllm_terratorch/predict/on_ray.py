@@ -110,7 +110,7 @@ def _scenes_per_batch(todo: list[Item], chunk_tiles: int, model_dir: Path) -> in
     from vllm_terratorch.core.config import load_config
 
     cfg = load_config(model_dir).pretrained_cfg
-    shape = cfg.input.data[cfg.input.image_input].shape
+    shape = cfg.input.data[cfg.input.image_inputs[0]].shape
     tiling = tiling_from_config(cfg.model.init_args.get("tiled_inference_parameters"), (shape[-2], shape[-1]))
     counts = []
     for item in todo[:32]:

@@ -1,6 +1,7 @@
 """The CPU-side halves of `vllm-terratorch predict`, run in worker processes (local pool or Ray tasks).
 
-- `decode_scene`: read a GeoTIFF, and turn it into the engine's per-tile inputs with the IO
+- `decode_scene`: read a scene (a GeoTIFF, or a folder of frames or modalities), and turn it into
+  the engine's per-tile inputs with the IO
   processor's own `prepare` (the exact code path the server runs for a `/pooling` request).
 - `write_prediction`: the engine's tile outputs -> the processor's `render` (stitch, mask or values,
   GeoTIFF or JSON) -> an atomic write (temp file in the same folder + rename).
@@ -94,13 +95,12 @@ def build_prompts(decoded: dict[str, Any], dtype: Any = None) -> list[dict[str, 
     `dtype`: cast to the engine's dtype (scenes decoded at float64 before the engine's dtype was
     known: the one rounding then happens here, so the values equal `prepare`'s at that dtype).
     """
-    tiles = from_wire(decoded["tiles"])
+    tiles = {name: from_wire(wire) for name, wire in decoded["tiles"].items()}
     extras = {name: from_wire(wire) for name, wire in decoded["extras"].items()}
     if dtype is not None:
-        tiles = tiles.to(dtype)
+        tiles = {name: value.to(dtype) for name, value in tiles.items()}
         extras = {name: value.to(dtype) for name, value in extras.items()}
-    name = decoded["image_name"]
-    return [tensor_prompt({name: tile, **extras}) for tile in tiles]
+    return [tensor_prompt({name: value[index] for name, value in tiles.items()} | extras) for index in range(decoded["count"])]
 
 
 def outputs_to_wire(outputs: list[Any]) -> tuple[str, Any]:
@@ -122,34 +122,48 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def scene_request(pipeline: Any, path: str, indices: list[int] | None) -> tuple[Any, list[Path]]:
+    """The `/pooling` request a scene amounts to, and its files in the order `prepare` takes them."""
+    from vllm_terratorch.io.schema import GeoTiffRequest
+    from vllm_terratorch.io.sources import modality_files
+    from vllm_terratorch.predict.inputs import frame_files
+
+    scene = Path(path)
+    data: str | list[str] | dict[str, str]
+    if not scene.is_dir():
+        files, data = [scene], path  # the name carries the acquisition date, as for path requests
+    elif pipeline.modalities is not None:
+        files = modality_files(scene, pipeline.modalities)
+        data = {name: str(file) for name, file in zip(pipeline.modalities, files, strict=True)}
+    else:
+        files = frame_files(scene)
+        data = [str(file) for file in files]
+    request = GeoTiffRequest(data=data, data_format="path", out_data_format="path", indices=indices)
+    return request, files
+
+
 def decode_scene(spec: ProcessorSpec, index: int, path: str) -> dict[str, Any]:
     """Read and prepare one scene. On success: wire tiles, extras and the pipeline's `Pending`."""
     started = time.time()
     try:
-        from vllm_terratorch.io.schema import GeoTiffRequest
-
-        data = Path(path).read_bytes()
         pipeline = get_pipeline(spec)
-        request = GeoTiffRequest(
-            data=path,  # the name carries the acquisition date for temporal_coords, as for path requests
-            data_format="path",
-            out_data_format="path",
-            indices=list(spec.indices) if spec.indices is not None else None,
-        )
-        prompts, pending = pipeline.prepare(data, request)  # `pending` travels with the tiles
+        request, files = scene_request(pipeline, path, list(spec.indices) if spec.indices is not None else None)
+        prompts, pending = pipeline.prepare([file.read_bytes() for file in files], request)  # `pending` travels too
         import torch
 
         images = [prompt["multi_modal_data"][MODALITY] for prompt in prompts]
-        name = pipeline.image_name
-        tiles = torch.stack([image[name] for image in images])
-        if tiles.dtype == torch.float64 and torch.equal(tiles.to(torch.float32).to(torch.float64), tiles):
-            tiles = tiles.to(torch.float32)  # the datamodule's float32 values: half the bytes, nothing lost
+        tiles = {}
+        for name in pipeline.image_names:
+            stacked = torch.stack([image[name] for image in images])
+            if stacked.dtype == torch.float64 and torch.equal(stacked.to(torch.float32).to(torch.float64), stacked):
+                stacked = stacked.to(torch.float32)  # the datamodule's float32 values: half the bytes, nothing lost
+            tiles[name] = to_wire(stacked)
         return {
             "index": index,
             "ok": True,
-            "tiles": to_wire(tiles),
-            "extras": {key: to_wire(value) for key, value in images[0].items() if key != name},
-            "image_name": name,
+            "tiles": tiles,
+            "count": len(prompts),
+            "extras": {key: to_wire(value) for key, value in images[0].items() if key not in tiles},
             "pending": pending,
             "started": started,
             "decode_s": time.time() - started,
