@@ -152,3 +152,18 @@ def test_predict_reads_scene_folders_and_equals_the_server(server, workdir):
         served = server.pooling({"data": str(workdir / "media" / f"scene{k}"), "data_format": "path", "out_data_format": "b64_json"})
         with rasterio.open(out / f"scene{k}_pred.tif") as predicted:
             assert np.array_equal(predicted.read(1), mask(served)[0]), k
+
+
+def test_offline_encode_through_the_tm_processor_equals_the_server(server, workdir):
+    """`LLM.encode` with `io_processor_plugin="terratorch_tm_segmentation"`: the same answer."""
+    from helpers import engine
+
+    inline = {name: base64.b64encode(open(path, "rb").read()).decode() for name, path in files_of(workdir, 4).items()}
+    with engine(workdir / "model", io_processor_plugin="terratorch_tm_segmentation") as llm:
+        data = {"data": inline, "data_format": "b64_json", "out_data_format": "b64_json"}
+        output = llm.encode({"data": data}, pooling_task="plugin", use_tqdm=False)[0].outputs
+    with rasterio.open(io.BytesIO(base64.b64decode(output.data))) as source:
+        offline = source.read(1)
+    served = server.pooling({"data": files_of(workdir, 4), "data_format": "path", "out_data_format": "b64_json"})
+    assert np.array_equal(offline, mask(served)[0])
+    assert_same_classes(offline, reference_logits(workdir, 4))
