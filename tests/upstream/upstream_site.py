@@ -19,9 +19,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from reference import sliding_window, terratorch_location_coords  # noqa: E402
+from reference import sliding_window, terratorch_location_coords, terratorch_predict_inputs  # noqa: E402
 
-from vllm_terratorch.testing.samples import BANDS, build_sample_task, sample_pretrained_cfg, write_model_folder, write_sample_geotiff  # noqa: E402
+from vllm_terratorch.testing.samples import (  # noqa: E402
+    BANDS,
+    TERRAMIND_BANDS,
+    build_sample_task,
+    sample_pretrained_cfg,
+    sample_terramind_cfg,
+    write_model_folder,
+    write_sample_geotiff,
+)
 
 # The mission's Sen1Floods11 datamodule section: band names; files hold all 13 Sentinel-2 bands.
 SEN1FLOODS11_DATA = {
@@ -37,6 +45,14 @@ SCENES = {
 }
 
 
+# config.py's TerraMind case ("flood": one file per modality). Upstream's S1RTC and S2L2A files are
+# ImpactMesh `.zarr.zip` time series read by ImpactMesh's datamodule (neither is installable here);
+# the stand-ins are GeoTIFFs of the same names read by TerraTorch's GenericMultiModalDataModule.
+TM_MODEL = "TerraMind-base-Flood"
+TM_MODALITIES = ("DEM", "S1RTC", "S2L2A")
+TM_SCENES = {"flood": {name: f"flood/EMSR354_23_37LFH_{name}.tif" for name in TM_MODALITIES}}
+
+
 def sen1floods11_cfg() -> dict:
     cfg = sample_pretrained_cfg("segmentation")
     cfg["data"] = SEN1FLOODS11_DATA
@@ -45,9 +61,14 @@ def sen1floods11_cfg() -> dict:
 
 def build_site(root: Path) -> Path:
     write_model_folder(root / "Prithvi-EO-2.0-300M-TL-Sen1Floods11", sen1floods11_cfg())
+    write_model_folder(root / TM_MODEL, sample_terramind_cfg(TM_MODALITIES))
     (root / "media").mkdir()
     for seed, scene in enumerate(SCENES.values()):
         write_sample_geotiff(root / "media" / scene["name"], 96, 112, bands=scene["bands"], seed=seed)
+    for files in TM_SCENES.values():
+        for seed, (modality, name) in enumerate(files.items()):
+            (root / "media" / name).parent.mkdir(parents=True, exist_ok=True)
+            write_sample_geotiff(root / "media" / name, 96, 112, bands=TERRAMIND_BANDS[modality], seed=20 + seed)
     return root
 
 
@@ -98,6 +119,44 @@ def reference_classes(path: Path, indices: list[int] | None = None) -> np.ndarra
     with torch.backends.mkldnn.flags(enabled=False):
         logits = sliding_window(image, tiling["h_crop"], tiling["h_stride"], lambda tile: network(tile, location_coords=coords).output[0])
     return logits.argmax(axis=0)
+
+
+def tm_reference_classes(media: Path, files: dict[str, str], scratch: Path) -> np.ndarray:
+    """The class mask a correct server returns for a TerraMind scene, without our package:
+    TerraTorch's own datamodule on a folder of modality folders, then a plain sliding window
+    (the modalities side by side as channels, split again for the network's dict input)."""
+    import shutil
+
+    cfg = sample_terramind_cfg(TM_MODALITIES)
+    for modality, name in files.items():
+        (scratch / modality).mkdir(parents=True, exist_ok=True)
+        shutil.copy(media / name, scratch / modality / Path(name).name)
+    inputs = terratorch_predict_inputs(cfg["data"], {modality: str(scratch / modality) for modality in files})
+    order = list(cfg["input"]["data"])
+    image = torch.cat([inputs[modality][0] for modality in order]).numpy()
+    bounds = np.cumsum([0] + [TERRAMIND_BANDS[modality] for modality in order])
+    network = build_sample_task(cfg).model
+    tiling = cfg["model"]["init_args"]["tiled_inference_parameters"]
+
+    def predict(tile: torch.Tensor) -> torch.Tensor:
+        return network({m: tile[:, bounds[i]:bounds[i + 1]] for i, m in enumerate(order)}).output[0]
+
+    with torch.backends.mkldnn.flags(enabled=False):
+        logits = sliding_window(image, tiling["h_crop"], tiling["h_stride"], predict)
+    return logits.argmax(axis=0)
+
+
+def tm_terratorch_written(classes: np.ndarray, like: Path, scratch: Path) -> bytes:
+    """`classes` as TerraTorch's `terratorch_tm_segmentation` processor writes them: its own
+    `write_tiff` with the input file's metadata (class ids, not x 255)."""
+    import rasterio
+    from terratorch.cli_tools import write_tiff
+
+    with rasterio.open(like) as source:
+        meta = source.meta
+    target = scratch / "tm_written.tif"
+    write_tiff(classes, target, meta)
+    return target.read_bytes()
 
 
 def terratorch_written(classes: np.ndarray, like: Path) -> bytes:
