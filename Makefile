@@ -23,7 +23,7 @@ endif
 PY := $(VENV)/bin/python
 REQUIREMENTS := requirements/$(SELECTED)-cpu.txt
 STAMP := $(VENV)/.installed
-PYTEST := $(PY) -m pytest --timeout=1200
+PYTEST := $(PY) -m pytest --timeout=1200 --durations=25
 
 .PHONY: demo test unit integration venv clean-venv
 
