@@ -102,17 +102,14 @@ def site(tmp_path_factory):
     media.close()
 
 
-@pytest.fixture(scope="module")
-def server(site, tmp_path_factory):
-    """utils.py `server`: the plugin config points output_path at a temporary folder."""
-    root, _, _ = site
+def started_server(root: Path, model: str, args: list[str], log: str, plugin_config: dict, envs: dict[str, str]):
+    """utils.py `server` / `get_server`: a holder with the instance, its base_url and the model name;
+    the plugin config points output_path at a temporary folder."""
     holder = type("Holder", (), {})()
     holder.tmpdir = tempfile.TemporaryDirectory(dir=root)
-    plugin_config = {"output_path": holder.tmpdir.name, "mask_encoding": "terratorch", "allowed_output_paths": [str(root / "cwd")]}
-    server_envs = {"TERRATORCH_SEGMENTATION_IO_PROCESSOR_CONFIG": json.dumps(plugin_config), "VLLM_LOGGING_LEVEL": "DEBUG"}
-    (root / "cwd").mkdir()
-    args = [*server_args, "--allowed-local-media-path", str(root), "--allowed-media-domains", "127.0.0.1"]
-    holder.instance = Server(root / "Prithvi-EO-2.0-300M-TL-Sen1Floods11", args, root / "server.log", server_envs)
+    server_envs = {"TERRATORCH_SEGMENTATION_IO_PROCESSOR_CONFIG": json.dumps({"output_path": holder.tmpdir.name, **plugin_config}), **envs}
+    args = [*args, "--allowed-local-media-path", str(root), "--allowed-media-domains", "127.0.0.1"]
+    holder.instance = Server(root / model, args, root / log, server_envs)
     holder.instance.base_url = holder.instance.url
     holder.model_name = holder.instance.model
     try:
@@ -121,26 +118,23 @@ def server(site, tmp_path_factory):
     finally:
         holder.instance.close()
         holder.tmpdir.cleanup()
+
+
+@pytest.fixture(scope="module")
+def server(site):
+    root, _, _ = site
+    (root / "cwd").mkdir(exist_ok=True)
+    plugin_config = {"mask_encoding": "terratorch", "allowed_output_paths": [str(root / "cwd")]}
+    yield from started_server(root, "Prithvi-EO-2.0-300M-TL-Sen1Floods11", server_args, "server.log", plugin_config,
+                              {"VLLM_LOGGING_LEVEL": "DEBUG"})
 
 
 @pytest.fixture(scope="module")
 def tm_server(site):
-    """The TerraMind model, as utils.py's `get_server` starts it for `terratorch_tm_segmentation`."""
+    """The TerraMind model, as `get_server` starts it for `terratorch_tm_segmentation` (class ids)."""
     root, _, _ = site
-    holder = type("Holder", (), {})()
-    holder.tmpdir = tempfile.TemporaryDirectory(dir=root)
-    plugin_config = {"output_path": holder.tmpdir.name, "allowed_output_paths": [str(root / "cwd")]}
-    server_envs = {"TERRATORCH_SEGMENTATION_IO_PROCESSOR_CONFIG": json.dumps(plugin_config)}
-    args = [*tm_server_args, "--allowed-local-media-path", str(root), "--allowed-media-domains", "127.0.0.1"]
-    holder.instance = Server(root / TM_MODEL, args, root / "tm_server.log", server_envs)
-    holder.instance.base_url = holder.instance.url
-    holder.model_name = holder.instance.model
-    try:
-        holder.instance.wait_ready()
-        yield holder
-    finally:
-        holder.instance.close()
-        holder.tmpdir.cleanup()
+    (root / "cwd").mkdir(exist_ok=True)
+    yield from started_server(root, TM_MODEL, tm_server_args, "tm_server.log", {"allowed_output_paths": [str(root / "cwd")]}, {})
 
 
 @pytest.fixture
