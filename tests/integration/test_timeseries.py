@@ -1,12 +1,15 @@
 """A multi-temporal model served from files: `data` is a list of GeoTIFFs in time order (one per
-frame), through `vllm serve` and our regression processor. Every answer equals a plain PyTorch
-forward of that request's own frames and dates; bad series are 400s and the server keeps serving."""
+frame), through `vllm serve` and our regression processor, offline `LLM.encode` and `predict`. Every
+answer equals a plain PyTorch forward of that request's own frames and dates; bad series are 400s
+and the server keeps serving."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, timedelta
 
@@ -117,3 +120,33 @@ def test_bad_series_are_rejected_and_the_server_keeps_serving(server, workdir, d
     assert message in json.dumps(response.json())
     good = server.pooling({"data": frames_of(workdir, 3), "data_format": "path", "out_data_format": "b64_json"})
     assert np.abs(values(good) - reference(workdir, 3)).max() <= 1e-4
+
+
+def test_offline_encode_and_predict_give_the_servers_answers(server, workdir, tmp_path):
+    """The same series through offline `LLM.encode` (frames inline, dates in their tags) and through
+    `vllm-terratorch predict` on folders of frames (the layout detected from the model)."""
+    from helpers import engine
+
+    inline = [base64.b64encode(open(path, "rb").read()).decode() for path in frames_of(workdir, 4)]
+    with engine(workdir / "model", io_processor_plugin="terratorch_regression") as llm:
+        data = {"data": inline, "data_format": "b64_json", "out_data_format": "b64_json"}
+        output = llm.encode({"data": data}, pooling_task="plugin", use_tqdm=False)[0].outputs
+    with rasterio.open(io.BytesIO(base64.b64decode(output.data))) as source:
+        offline = source.read(1)
+    served = {k: values(server.pooling({"data": frames_of(workdir, k), "data_format": "path", "out_data_format": "b64_json"}))
+              for k in (4, 5, 6)}
+    assert np.abs(offline - served[4]).max() <= 1e-4
+
+    scenes = tmp_path / "scenes"
+    for k in (5, 6):  # one folder per series; name order is time order
+        (scenes / f"series{k}").mkdir(parents=True)
+        for t, path in enumerate(frames_of(workdir, k)):
+            (scenes / f"series{k}" / f"t{t}_{series_dates(k)[t].isoformat()}.tif").write_bytes(open(path, "rb").read())
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "vllm_terratorch.predict.main", str(workdir / "model"), "--input", str(scenes),
+               "--output", str(out), "--dtype", "float32", "--workers", "1", "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for k in (5, 6):
+        with rasterio.open(out / f"series{k}_pred.tif") as predicted:
+            assert np.abs(predicted.read(1) - served[k]).max() <= 1e-4, k  # batched with the other series
