@@ -172,3 +172,22 @@ def test_bad_multimodal_requests_say_what_is_expected(tmp_path):
         with pytest.raises(RequestError, match=re.escape(message)):
             parsed = parse_request(request | {"data_format": "path"})
             pipe.prepare(pipe.read(parsed), parsed)
+
+
+def test_a_transform_beyond_totensor_sends_the_config_to_the_datamodule(tmp_path):
+    """A test_transform the fast path cannot reproduce: the datamodule runs it (here an identity
+    flip, so the result equals the fast path's), and a list of files is refused before any is read."""
+    cfg = sample_pretrained_cfg("segmentation")
+    cfg["data"]["init_args"]["test_transform"] = [
+        {"class_path": "albumentations.HorizontalFlip", "init_args": {"p": 0.0}},
+        {"class_path": "albumentations.pytorch.ToTensorV2"},
+    ]
+    assert not fast_path_covers(cfg["data"])
+    pipe = pipeline(cfg, media=tmp_path)
+    assert not pipe.fast and pipe.datamodule is not None
+    scene = with_nodata(write_sample_geotiff(tmp_path / "scene_S2Hand.tif", 64, 64, seed=5))
+    plain = pipeline(sample_pretrained_cfg("segmentation"), media=tmp_path)
+    assert torch.equal(image_of(pipe, [scene])["pixel_values"], image_of(plain, [scene])["pixel_values"])
+    missing = [str(tmp_path / "absent_1.tif"), str(tmp_path / "absent_2.tif")]
+    with pytest.raises(RequestError, match="one file per request"):
+        pipe.read(parse_request({"data": missing, "data_format": "path"}))

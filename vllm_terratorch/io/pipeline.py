@@ -226,6 +226,12 @@ class GeoTiffPipeline:
             )
         count = len(request.items)
         if self._by_datamodule(request):  # one file, read as the datamodule reads it (a stacked time series included)
+            assert self.datamodule is not None
+            if count != 1:
+                raise RequestError(
+                    f"this model's inputs are read by its datamodule ({self.datamodule.name}), one file per request "
+                    f"(with expand_temporal_dimension, one file holding every time step); got {count}"
+                )
             steps = self.frames or 1
             if request.dates is not None and len(request.dates) != steps:
                 raise RequestError(f"'dates' has {len(request.dates)} dates for {steps} time step(s); give one per step")
@@ -303,11 +309,6 @@ class GeoTiffPipeline:
             image = images[0] if self.frames is None else np.stack(images, axis=1)
             return {self.image_name: image}, [mask for _, mask in prepared]
         assert self.datamodule is not None
-        if self.modalities is None and len(files) != 1:
-            raise RequestError(
-                f"this model's inputs are read by its datamodule ({self.datamodule.name}), one file per request "
-                f"(with expand_temporal_dimension, one file holding every time step); got {len(files)}"
-            )
         names = self.modalities or [self.image_name]
         hint = "bands per input: " + ", ".join(f"{name} {raster.array.shape[0]}" for name, raster in zip(names, rasters)) + (
             "; the model takes " + ", ".join(f"{name} {self.pretrained_cfg.input.data[name].shape[0]}" for name in names))

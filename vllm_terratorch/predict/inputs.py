@@ -41,9 +41,13 @@ def scene_layout(model_dir: Path, requested: str = "auto") -> tuple[SceneLayout,
     return "file", images
 
 
+def _is_tiff(path: Path) -> bool:
+    return path.suffix.lower() in TIFF_SUFFIXES and path.is_file() and not path.name.startswith(".")
+
+
 def frame_files(folder: Path) -> list[Path]:
     """The GeoTIFFs directly in a scene folder, in name order (time order for dated names)."""
-    return sorted(f for f in folder.iterdir() if f.suffix.lower() in TIFF_SUFFIXES and f.is_file() and not f.name.startswith("."))
+    return sorted(f for f in folder.iterdir() if _is_tiff(f))
 
 
 def list_scene_folders(spec: str, outdir: Path, layout: SceneLayout, modalities: list[str]) -> list[tuple[Path, PurePath]]:
@@ -101,7 +105,7 @@ def list_inputs(spec: str, outdir: Path) -> list[tuple[Path, PurePath]]:
     path = Path(spec).expanduser()
     if path.is_dir():
         base = path
-        files = [f for f in path.rglob("*") if f.suffix.lower() in TIFF_SUFFIXES and f.is_file() and not f.name.startswith(".")]
+        files = [f for f in path.rglob("*") if _is_tiff(f)]
     elif path.is_file() and path.suffix.lower() in TIFF_SUFFIXES:
         base, files = path.parent, [path]
     elif path.is_file():
