@@ -67,12 +67,17 @@ def image_of(pipe, files: list[Path] | dict[str, Path], **request) -> dict[str, 
     return dict(prompts[0]["multi_modal_data"]["image"])
 
 
+def _fast(cfg, scene, request):
+    raster = _raster(scene)
+    return pipeline(cfg).prepare_pixels(raster.array, raster.nodata, request)[0]
+
+
 @pytest.mark.parametrize("task", ["segmentation", "regression"])
 def test_the_fast_path_equals_the_datamodule_bit_for_bit(tmp_path, task):
     cfg = sample_pretrained_cfg(task)
     assert fast_path_covers(cfg["data"]) and takes_predict_folder(cfg["data"])
     scene = with_nodata(write_sample_geotiff(tmp_path / "scene_S2Hand.tif", 64, 64, seed=3))
-    fast = pipeline(cfg)._prepare(_raster(scene), parse_request({"data": "x", "data_format": "path"}))[0]
+    fast = _fast(cfg, scene, parse_request({"data": "x", "data_format": "path"}))
     general = DatamoduleInputs(cfg["data"], ["image"]).run({"image": scene.read_bytes()})["image"]
     reference = terratorch_predict_batch(cfg["data"], str(tmp_path))[0].numpy()
     assert general.dtype == fast.dtype == np.float32
@@ -84,7 +89,7 @@ def test_the_fast_path_equals_the_datamodule_when_it_selects_bands(tmp_path):
     cfg = sample_pretrained_cfg("segmentation")
     cfg["data"]["init_args"]["dataset_bands"] = ["COASTAL", *BANDS, "CLOUD"]  # the file has 8; the model takes 6
     scene = with_nodata(write_sample_geotiff(tmp_path / "scene_S2Hand.tif", 64, 64, bands=8, seed=4))
-    fast = pipeline(cfg)._prepare(_raster(scene), parse_request({"data": "x", "data_format": "path"}))[0]
+    fast = _fast(cfg, scene, parse_request({"data": "x", "data_format": "path"}))
     reference = terratorch_predict_batch(cfg["data"], str(tmp_path))[0].numpy()
     assert fast.shape == (6, 64, 64)
     assert np.array_equal(fast, reference)

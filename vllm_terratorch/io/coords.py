@@ -8,10 +8,10 @@ from datetime import date, datetime, timedelta
 
 import numpy as np
 
-from vllm_terratorch.io.geotiff import Raster
+from vllm_terratorch.io.geotiff import Grid
 
 
-def centre_lat_lon(raster: Raster) -> tuple[float, float] | None:
+def centre_lat_lon(raster: Grid) -> tuple[float, float] | None:
     """(latitude, longitude) in EPSG:4326 of the centre pixel, or None without a CRS.
 
     Exactly what TerraTorch's datasets fed Prithvi's location embedding in training (column 0 =

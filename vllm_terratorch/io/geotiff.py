@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -19,6 +19,21 @@ class Georef:
     transform: Any
     nodata: float | None
     tags: dict[str, str] = field(default_factory=dict)
+
+
+class Grid(Protocol):
+    """Where an image lies, and its size: what grid checks and coordinates need (a decoded
+    `Raster`, or an open file's `RasterFile` whose pixels stay on disk)."""
+
+    crs: Any
+    transform: Any
+    tags: dict[str, str]
+
+    @property
+    def height(self) -> int: ...
+
+    @property
+    def width(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,17 @@ class RasterHeader:
     dtypes: tuple[str, ...]
     block_shapes: tuple[tuple[int, int], ...]
 
+    @classmethod
+    def of(cls, source: Any) -> RasterHeader:
+        """The header of an open rasterio dataset."""
+        return cls(
+            bands=source.count,
+            height=source.height,
+            width=source.width,
+            dtypes=tuple(source.dtypes),
+            block_shapes=tuple(tuple(shape) for shape in source.block_shapes) if source.count else (),
+        )
+
     @property
     def decoded_bytes(self) -> int:
         """Memory the decoded pixels take: height x width x bands x bytes per sample."""
@@ -68,20 +94,34 @@ class RasterLimits:
     max_bytes: int
 
     def check(self, header: RasterHeader) -> None:
-        if header.width < 1 or header.height < 1 or header.bands < 1:
-            raise RequestError(f"the GeoTIFF is empty ({header.bands} bands, {header.width}x{header.height})")
+        """A raster decoded whole: its pixels and bytes within the limits, and each block."""
+        self._check_format(header)
         if header.width * header.height > self.max_pixels:
             raise RequestError(
                 f"the GeoTIFF is {header.width}x{header.height} pixels; the server's limit is {self.max_pixels} pixels"
             )
-        odd = sorted({dtype for dtype in header.dtypes if np.dtype(dtype).kind not in "iuf"})
-        if odd:
-            raise RequestError(f"the GeoTIFF's pixels are {', '.join(odd)}; expected integer or floating-point bands")
         if header.decoded_bytes > self.max_bytes:
             raise RequestError(
                 f"the GeoTIFF declares {header.bands} bands of {header.width}x{header.height} "
                 f"({header.decoded_bytes} bytes decoded); the server's limit is {self.max_bytes} bytes"
             )
+        self._check_blocks(header)
+
+    def check_windowed(self, header: RasterHeader) -> None:
+        """A raster read window by window (never whole): any size, but a readable pixel type and
+        blocks that can each be decoded within the byte limit."""
+        self._check_format(header)
+        self._check_blocks(header)
+
+    @staticmethod
+    def _check_format(header: RasterHeader) -> None:
+        if header.width < 1 or header.height < 1 or header.bands < 1:
+            raise RequestError(f"the GeoTIFF is empty ({header.bands} bands, {header.width}x{header.height})")
+        odd = sorted({dtype for dtype in header.dtypes if np.dtype(dtype).kind not in "iuf"})
+        if odd:
+            raise RequestError(f"the GeoTIFF's pixels are {', '.join(odd)}; expected integer or floating-point bands")
+
+    def _check_blocks(self, header: RasterHeader) -> None:
         widest = max(np.dtype(dtype).itemsize for dtype in header.dtypes)
         for rows, cols in set(header.block_shapes):
             # A block is decoded whole (all bands when pixel-interleaved), however small the image.
@@ -103,13 +143,7 @@ def read_geotiff(data: bytes, limits: RasterLimits, check: Callable[[RasterHeade
         with rasterio.MemoryFile(data) as memory, memory.open() as source:
             if source.driver != "GTiff":
                 raise RequestError(f"the input is a {source.driver} raster; expected a GeoTIFF")
-            header = RasterHeader(
-                bands=source.count,
-                height=source.height,
-                width=source.width,
-                dtypes=tuple(source.dtypes),
-                block_shapes=tuple(tuple(shape) for shape in source.block_shapes) if source.count else (),
-            )
+            header = RasterHeader.of(source)
             limits.check(header)
             if check is not None:
                 check(header)
@@ -143,7 +177,7 @@ def encode_geotiff(array: np.ndarray, like: Georef | Raster, nodata: float | Non
         return memory.read()
 
 
-def check_one_grid(rasters: list[Raster], modalities: list[str] | None = None) -> None:
+def check_one_grid(rasters: Sequence[Grid], modalities: list[str] | None = None) -> None:
     """The frames of a time series, or the modalities of a scene, must share one grid (they are
     stacked pixel by pixel; nothing here resamples)."""
     names = modalities or [f"input {index}" for index in range(1, len(rasters) + 1)]

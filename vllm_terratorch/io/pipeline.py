@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -25,14 +26,16 @@ from vllm_terratorch.core.config import COORDINATE_INPUTS, PretrainedCfg, load_c
 from vllm_terratorch.core.inputs import tensor_prompt
 from vllm_terratorch.errors import ConfigError, RequestError
 from vllm_terratorch.io.coords import acquisition_date, centre_lat_lon, year_and_day
-from vllm_terratorch.io.geotiff import Georef, Raster, RasterHeader, RasterLimits, check_one_grid, nodata_mask, read_geotiff
+from vllm_terratorch.io.geotiff import (
+    Georef, Grid, Raster, RasterLimits, check_one_grid, encode_geotiff, nodata_mask, read_geotiff,
+)
 from vllm_terratorch.io.outputs import OutputPolicy, OutputTarget
 from vllm_terratorch.io.datamodule import DatamoduleInputs, takes_predict_folder
 from vllm_terratorch.io.preprocessing import Preprocessing, fast_path_covers, preprocessing_from_config
 from vllm_terratorch.io.schema import GeoTiffRequest, PredictionOutput
 from vllm_terratorch.io.settings import IOSettings, load_io_settings
 from vllm_terratorch.io.sources import SourcePolicy
-from vllm_terratorch.io.tiling import TilePlan, cut_tiles, plan_tiles, tiling_from_config
+from vllm_terratorch.io.tiling import TilePlan, cut_tiles, plan_tiles, stitch, tiling_from_config
 from vllm_terratorch.log import logger
 
 
@@ -54,6 +57,7 @@ class GeoTiffPipeline:
 
     task: ClassVar[str] = "segmentation"
     writes_raster: ClassVar[bool] = True  # False: the result is JSON, never a file
+    output_nodata: ClassVar[float | None] = None  # the output raster's nodata value
 
     def __init__(
         self,
@@ -136,7 +140,7 @@ class GeoTiffPipeline:
     def read(self, request: GeoTiffRequest) -> list[bytes]:
         """The bytes of each of the request's GeoTIFFs (inline, a path or a URL, within the server's
         policy): one, one per frame in time order, or one per modality in the model's order."""
-        self._check_inputs(request)
+        self.check_request(request)
         if self.modalities is not None and request.modalities is None:  # a folder of modality folders
             return self.policy.read_modality_folder(request.items[0], self.modalities)
         items = request.items if request.modalities is None else [request.modalities[name] for name in self.modalities]
@@ -157,9 +161,9 @@ class GeoTiffPipeline:
         """GeoTIFF bytes (one file, or one per frame) -> one engine prompt per tile, and what
         `complete` needs to finish. Every frame is cut at the same windows."""
         started = time.monotonic() if started is None else started
-        self._check_inputs(request)
+        self.check_request(request)
         files = [data] if isinstance(data, bytes) else list(data)
-        check = None if self._by_datamodule(request) else (lambda header: self._check_header(header, request))
+        check = None if self.reads_by_datamodule(request) else (lambda header: self.band_layout(header.bands, request))
         rasters = [read_geotiff(item, self.limits, check) for item in files]
         check_one_grid(rasters, self.modalities)
         images, masks = self._images(files, rasters, request)
@@ -167,7 +171,7 @@ class GeoTiffPipeline:
         nodata_mask = np.logical_or.reduce(masks)
         plan = plan_tiles(raster.height, raster.width, self.tiling)
         tiles = {name: cut_tiles(image, plan).to(self.dtype) for name, image in images.items()}
-        extras = self._extra_inputs(rasters, request)
+        extras = self.coordinates(rasters, request)
         now = time.monotonic()
         pending = Pending(request, plan, raster.georef, nodata_mask, now, now - started, output)
         prompts = [tensor_prompt({name: tiles[name][index] for name in tiles} | extras) for index in range(len(plan))]
@@ -209,7 +213,7 @@ class GeoTiffPipeline:
 
     # Steps ----------------------------------------------------------------------------------
 
-    def _check_inputs(self, request: GeoTiffRequest) -> None:
+    def check_request(self, request: GeoTiffRequest) -> None:
         """The request's shape must be the model's: one image, T frames, or one per modality."""
         if self.modalities is not None:
             self._check_modalities(request)
@@ -218,14 +222,14 @@ class GeoTiffPipeline:
             raise RequestError(
                 f"this model takes one image per request, not one per modality; got an object with {sorted(request.modalities)}"
             )
-        if self._by_datamodule(request) and request.indices is not None:
+        if self.reads_by_datamodule(request) and request.indices is not None:
             assert self.datamodule is not None
             raise RequestError(
                 f"this model's inputs are read by its datamodule ({self.datamodule.name}), which selects the bands "
                 "itself; 'indices' cannot be applied, send the file in the datamodule's band layout"
             )
         count = len(request.items)
-        if self._by_datamodule(request):  # one file, read as the datamodule reads it (a stacked time series included)
+        if self.reads_by_datamodule(request):  # one file, read as the datamodule reads it (a stacked time series included)
             assert self.datamodule is not None
             if count != 1:
                 raise RequestError(
@@ -246,7 +250,7 @@ class GeoTiffPipeline:
         if request.dates is not None and len(request.dates) != count:
             raise RequestError(f"'dates' has {len(request.dates)} dates for {count} input(s); give one per input")
 
-    def _by_datamodule(self, request: GeoTiffRequest) -> bool:
+    def reads_by_datamodule(self, request: GeoTiffRequest) -> bool:
         """Whether this request is read by running the model's datamodule (else by the fast path)."""
         if not self.fast:
             return True
@@ -274,11 +278,7 @@ class GeoTiffPipeline:
         if request.dates is not None:
             raise RequestError("'dates' is for time series (a list of inputs); this multi-modal model takes no dates")
 
-    def _check_header(self, header: RasterHeader, request: GeoTiffRequest) -> None:
-        """Refuse a band layout the model cannot take before any pixel is decoded."""
-        self._band_layout(header.bands, request)
-
-    def _band_layout(self, file_bands: int, request: GeoTiffRequest) -> Preprocessing:
+    def band_layout(self, file_bands: int, request: GeoTiffRequest) -> Preprocessing:
         """The pipeline for this file: `indices` first, else by the file's band count."""
         if request.indices is not None:
             if len(request.indices) != self.model_bands:
@@ -302,8 +302,8 @@ class GeoTiffPipeline:
         self, files: list[bytes], rasters: list[Raster], request: GeoTiffRequest,
     ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
         """The model-ready image of each image input, and each file's nodata mask (1, H, W)."""
-        if not self._by_datamodule(request):
-            prepared = [self._prepare(raster, request) for raster in rasters]
+        if not self.reads_by_datamodule(request):
+            prepared = [self.prepare_pixels(raster.array, raster.nodata, request) for raster in rasters]
             images = [image for image, _ in prepared]
             # A time series: (C, T, H, W), the frames in time order.
             image = images[0] if self.frames is None else np.stack(images, axis=1)
@@ -329,14 +329,15 @@ class GeoTiffPipeline:
                 )
         return images, [nodata_mask(raster.array, raster.nodata) for raster in rasters]
 
-    def _prepare(self, raster: Raster, request: GeoTiffRequest) -> tuple[np.ndarray, np.ndarray]:
-        """Model-ready float32 image (C, H, W) and the input's nodata mask (1, H, W)."""
-        array = raster.array
-        preprocessing = self._band_layout(array.shape[0], request)
+    def prepare_pixels(self, array: np.ndarray, nodata: float | None, request: GeoTiffRequest) -> tuple[np.ndarray, np.ndarray]:
+        """Model-ready float32 pixels (C, h, w) and their nodata mask (1, h, w), from a file's raw
+        pixels: a whole raster, or a window of one (pixel by pixel, so a window's values are the
+        whole raster's values there)."""
+        preprocessing = self.band_layout(array.shape[0], request)
         if request.indices is not None:
             array = array[request.indices]
-        mask = nodata_mask(array, raster.nodata)
-        image = preprocessing.apply(array, nodata=raster.nodata)
+        mask = nodata_mask(array, nodata)
+        image = preprocessing.apply(array, nodata=nodata)
         if not np.isfinite(image).all():
             raise RequestError(
                 "the image has NaN or infinite pixel values that the model's datamodule does not replace "
@@ -344,7 +345,7 @@ class GeoTiffPipeline:
             )
         return image, mask
 
-    def _extra_inputs(self, rasters: list[Raster], request: GeoTiffRequest) -> dict[str, torch.Tensor]:
+    def coordinates(self, rasters: Sequence[Grid], request: GeoTiffRequest) -> dict[str, torch.Tensor]:
         """temporal_coords (one (year, day) per frame) and location_coords (the first frame's centre)."""
         extras: dict[str, torch.Tensor] = {}
         if "temporal_coords" in self.extra_inputs:
@@ -371,7 +372,7 @@ class GeoTiffPipeline:
         return extras
 
     @staticmethod
-    def _frame_date(index: int, raster: Raster, name: str | None, request: GeoTiffRequest) -> date:
+    def _frame_date(index: int, raster: Grid, name: str | None, request: GeoTiffRequest) -> date:
         """The file's TIFFTAG_DATETIME, else a date in its name, else the request's `dates`."""
         when = acquisition_date(raster.tags, name)
         if when is None and request.dates is not None:
@@ -384,5 +385,12 @@ class GeoTiffPipeline:
             )
         return when
 
+    def raster_rows(self, stitched: np.ndarray, nodata_mask: np.ndarray) -> np.ndarray:
+        """Stitched output (K, h, W) and the inputs' nodata mask (1, h, W) -> the output raster's rows
+        (pixel by pixel: a scene streamed in row bands, windows.py, gets the whole one's values)."""
+        raise NotImplementedError(f"the {self.task} IO processor writes no raster")
+
     def render(self, outputs: list[torch.Tensor], pending: Pending) -> bytes | dict[str, Any]:
-        raise NotImplementedError
+        """The result of a request held whole (raster tasks: its GeoTIFF; others override this)."""
+        values = self.raster_rows(stitch(outputs, pending.plan), pending.nodata_mask)
+        return encode_geotiff(values, pending.georef, nodata=self.output_nodata)

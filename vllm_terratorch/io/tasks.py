@@ -1,6 +1,7 @@
 """What each task makes of a request's stitched model output: a class mask or a values GeoTIFF, or
 class probabilities as JSON. Everything before that (reading, normalising, tiling, stitching) is
-the shared pipeline in pipeline.py.
+the shared pipeline in pipeline.py; a raster task maps stitched rows to output rows
+(`raster_rows`), so a scene streamed in row bands (windows.py) is rendered by the same code.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ import numpy as np
 import torch
 
 from vllm_terratorch.errors import RequestError
-from vllm_terratorch.io.geotiff import encode_geotiff
 from vllm_terratorch.io.pipeline import GeoTiffPipeline, Pending
-from vllm_terratorch.io.tiling import stitch
 
 
 class SegmentationPipeline(GeoTiffPipeline):
@@ -28,29 +27,32 @@ class SegmentationPipeline(GeoTiffPipeline):
     task = "segmentation"
     NODATA = 255
 
-    def render(self, outputs: list[torch.Tensor], pending: Pending) -> bytes | dict[str, Any]:
-        logits = stitch(outputs, pending.plan)
+    @property
+    def output_nodata(self) -> float:
+        return 0 if self.settings.mask_encoding == "terratorch" else self.NODATA
+
+    def raster_rows(self, logits: np.ndarray, nodata_mask: np.ndarray) -> np.ndarray:
         if logits.shape[0] >= self.NODATA:
             raise RequestError(f"the model predicts {logits.shape[0]} classes; a uint8 mask holds at most 254")
         classes = logits.argmax(axis=0)[None]
         if self.settings.mask_encoding == "terratorch":
             # TerraTorch: `(prediction.float().numpy() * 255.0).astype(np.uint8)`, meta nodata=0.
-            mask = (classes.astype(np.float32) * np.float32(255.0)).astype(np.uint8)
-            return encode_geotiff(mask, pending.georef, nodata=0)
+            return (classes.astype(np.float32) * np.float32(255.0)).astype(np.uint8)
         mask = classes.astype(np.uint8)
-        mask[pending.nodata_mask] = self.NODATA
-        return encode_geotiff(mask, pending.georef, nodata=self.NODATA)
+        mask[nodata_mask] = self.NODATA
+        return mask
 
 
 class RegressionPipeline(GeoTiffPipeline):
     """Per-pixel values (float32 GeoTIFF); input nodata pixels are NaN, the output's nodata value."""
 
     task = "regression"
+    output_nodata = float("nan")
 
-    def render(self, outputs: list[torch.Tensor], pending: Pending) -> bytes | dict[str, Any]:
-        values = stitch(outputs, pending.plan).astype(np.float32)
-        values[np.broadcast_to(pending.nodata_mask, values.shape)] = np.nan
-        return encode_geotiff(values, pending.georef, nodata=float("nan"))
+    def raster_rows(self, values: np.ndarray, nodata_mask: np.ndarray) -> np.ndarray:
+        values = values.astype(np.float32)
+        values[np.broadcast_to(nodata_mask, values.shape)] = np.nan
+        return values
 
 
 class ClassificationPipeline(GeoTiffPipeline):

@@ -2,7 +2,9 @@
 
 A TerraTorch model takes a fixed input size, but a GeoTIFF can be any size. The IO processor plans
 the tiles once (`plan_tiles`), sends every tile to the engine as one batch (`extract_tiles`), and
-blends the per-pixel outputs back into an array of exactly the image's size (`stitch`). Overlapping
+blends the per-pixel outputs back into an array of exactly the image's size (`stitch`). A scene too
+large to hold is padded window by window with the same indices (`plan_indices`, `take_padded`) and
+blended a tile row at a time (`RowStitcher`). Overlapping
 tiles are weighted by a window that tapers towards each tile's edge, where a model sees the least
 context, so the seams between tiles do not show.
 """
@@ -107,23 +109,44 @@ def plan_tiles(height: int, width: int, config: TilingConfig) -> TilePlan:
     return TilePlan(height, width, padded_h, padded_w, origins, config)
 
 
+def padded_indices(size: int, padded: int, mode: PaddingMode) -> np.ndarray:
+    """For each position along one axis of the padded image, the image position it repeats (-1: a
+    zero, constant-mode pad). This is np.pad's bottom/right padding written as indices, so a window
+    of a file can be padded alone exactly as the whole image would be."""
+    # There is nothing to mirror in a 1-pixel axis: repeat the pixel instead.
+    if mode == "reflect" and size == 1:
+        mode = "edge"
+    index = np.arange(size)
+    if padded == size:
+        return index
+    if mode == "constant":
+        return np.concatenate([index, np.full(padded - size, -1)])
+    return np.pad(index, (0, padded - size), mode=mode)
+
+
+def take_padded(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """`image[..., rows, cols]` (last two axes), zero where an index is negative."""
+    out = image[..., np.maximum(rows, 0), :][..., np.maximum(cols, 0)]
+    if (rows < 0).any():
+        out[..., rows < 0, :] = 0
+    if (cols < 0).any():
+        out[..., cols < 0] = 0
+    return out
+
+
+def plan_indices(plan: TilePlan) -> tuple[np.ndarray, np.ndarray]:
+    """`padded_indices` of the plan's rows and columns."""
+    mode = plan.config.padding
+    return (padded_indices(plan.height, plan.padded_height, mode), padded_indices(plan.width, plan.padded_width, mode))
+
+
 def extract_tiles(image: np.ndarray, plan: TilePlan) -> np.ndarray:
     """Cut a (C, H, W) image into the plan's tiles: (N, C, h_crop, w_crop), padded at bottom/right."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[1:] != (plan.height, plan.width):
         raise ValueError(f"expected an image of shape (C, {plan.height}, {plan.width}), got {image.shape}")
-    padded = image
-    pads = ((0, plan.padded_height - plan.height), (0, plan.padded_width - plan.width))
-    for axis, (pad, size) in zip((1, 2), zip(pads, (plan.height, plan.width)), strict=True):
-        if pad[1] == 0:
-            continue
-        mode = plan.config.padding
-        # There is nothing to mirror in a 1-pixel axis: repeat the pixel instead.
-        if mode == "reflect" and size == 1:
-            mode = "edge"
-        widths = [(0, 0)] * 3
-        widths[axis] = pad
-        padded = np.pad(padded, widths, mode=mode)
+    rows, cols = plan_indices(plan)
+    padded = image if (len(rows), len(cols)) == image.shape[1:] else take_padded(image, rows, cols)
     h, w = plan.config.h_crop, plan.config.w_crop
     return np.stack([padded[:, top : top + h, left : left + w] for top, left in plan.origins])
 
@@ -148,30 +171,95 @@ def _as_numpy(tile: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.asarray(tile, dtype=np.float32)
 
 
-def stitch(
-    outputs: Sequence[np.ndarray | torch.Tensor] | np.ndarray | torch.Tensor, plan: TilePlan
-) -> np.ndarray:
-    """Blend per-tile outputs, each (K, h_crop, w_crop) or (h_crop, w_crop), into one (K, H, W) float32 array."""
-    tiles = [_as_numpy(tile) for tile in outputs]
-    if len(tiles) != len(plan):
-        raise ValueError(f"expected {len(plan)} tile outputs (one per tile), got {len(tiles)}")
+def _tile_arrays(outputs: Sequence[np.ndarray | torch.Tensor], plan: TilePlan, first: int = 0,
+                 channels: int | None = None) -> list[np.ndarray]:
+    """Tile outputs as (K, h_crop, w_crop) float32 arrays, checked; `first`: the first one's tile index."""
     c = plan.config
+    tiles = [_as_numpy(tile) for tile in outputs]
     tiles = [tile[None] if tile.ndim == 2 else tile for tile in tiles]
-    channels = tiles[0].shape[0] if tiles else 1
+    if channels is None:
+        channels = tiles[0].shape[0] if tiles else 1
     expected = (channels, c.h_crop, c.w_crop)
-    for index, tile in enumerate(tiles):
+    for index, tile in enumerate(tiles, start=first):
         if tile.shape != expected:
             raise ValueError(
                 f"tile output {index} has shape {tile.shape}, expected {expected} "
                 "((K, h_crop, w_crop) or (h_crop, w_crop)): outputs must be at the tile's resolution"
             )
-    weight = np.outer(_window(c.h_crop, c.h_stride, c.blend_overlaps), _window(c.w_crop, c.w_stride, c.blend_overlaps))
+    return tiles
+
+
+def _tile_weight(config: TilingConfig) -> np.ndarray:
+    c = config
+    return np.outer(_window(c.h_crop, c.h_stride, c.blend_overlaps), _window(c.w_crop, c.w_stride, c.blend_overlaps))
+
+
+def stitch(
+    outputs: Sequence[np.ndarray | torch.Tensor] | np.ndarray | torch.Tensor, plan: TilePlan
+) -> np.ndarray:
+    """Blend per-tile outputs, each (K, h_crop, w_crop) or (h_crop, w_crop), into one (K, H, W) float32 array."""
+    if len(outputs) != len(plan):
+        raise ValueError(f"expected {len(plan)} tile outputs (one per tile), got {len(outputs)}")
+    tiles = _tile_arrays(list(outputs), plan)
+    c = plan.config
+    channels = tiles[0].shape[0] if tiles else 1
+    weight = _tile_weight(c)
     total = np.zeros((channels, plan.padded_height, plan.padded_width))
     weights = np.zeros((plan.padded_height, plan.padded_width))
     for (top, left), tile in zip(plan.origins, tiles, strict=True):
         total[:, top : top + c.h_crop, left : left + c.w_crop] += tile * weight
         weights[top : top + c.h_crop, left : left + c.w_crop] += weight
     return (total / weights)[:, : plan.height, : plan.width].astype(np.float32)
+
+
+class RowStitcher:
+    """`stitch` for outputs too large to hold: tile outputs are added in plan order, and each band of
+    rows that no later tile covers leaves at once as float32 (K, rows, W), the values `stitch`
+    gives there bit for bit (the same sums, in the same order). Only the accumulator rows a later
+    tile can still reach are kept: K x (h_crop + h_stride) x padded width, whatever the height."""
+
+    def __init__(self, plan: TilePlan) -> None:
+        self.plan = plan
+        self.weight = _tile_weight(plan.config)
+        self.added = 0  # tiles added so far
+        self.base = 0  # image row of the first accumulator row
+        self.channels: int | None = None
+        self.total = np.zeros((0, 0, plan.padded_width))
+        self.weights = np.zeros((0, plan.padded_width))
+
+    @property
+    def done(self) -> bool:
+        return self.added == len(self.plan)
+
+    def add(self, outputs: Sequence[np.ndarray | torch.Tensor]) -> list[tuple[int, np.ndarray]]:
+        """Add the next tiles' outputs; returns the finished row bands as (first row, values)."""
+        plan, c = self.plan, self.plan.config
+        if self.added + len(outputs) > len(plan):
+            raise ValueError(f"expected {len(plan)} tile outputs (one per tile), got more")
+        tiles = _tile_arrays(list(outputs), plan, self.added, self.channels)
+        finished: list[tuple[int, np.ndarray]] = []
+        for tile in tiles:
+            if self.channels is None:
+                self.channels = tile.shape[0]
+                self.total = np.zeros((self.channels, 0, plan.padded_width))
+            top, left = plan.origins[self.added]
+            grow = top + c.h_crop - self.base - self.weights.shape[0]
+            if grow > 0:
+                self.total = np.concatenate([self.total, np.zeros((self.channels, grow, plan.padded_width))], axis=1)
+                self.weights = np.concatenate([self.weights, np.zeros((grow, plan.padded_width))])
+            row = top - self.base
+            self.total[:, row : row + c.h_crop, left : left + c.w_crop] += tile * self.weight
+            self.weights[row : row + c.h_crop, left : left + c.w_crop] += self.weight
+            self.added += 1
+            following = plan.origins[self.added][0] if self.added < len(plan) else plan.padded_height
+            end = min(following, plan.height)
+            if following > top and end > self.base:  # a tile row is complete: rows above the next one are final
+                count = end - self.base
+                values = (self.total[:, :count] / self.weights[:count])[:, :, : plan.width].astype(np.float32)
+                finished.append((self.base, values))
+                self.total, self.weights = self.total[:, count:].copy(), self.weights[count:].copy()
+                self.base = end
+        return finished
 
 
 def cut_tiles(image: np.ndarray, plan: TilePlan) -> torch.Tensor:
