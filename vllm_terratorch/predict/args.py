@@ -14,6 +14,9 @@ from vllm_terratorch.registration import PLUGINS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 PROG = "vllm-terratorch predict"
+# Above this a scene is streamed: held whole, a 4096^2 13-band scene already takes ~4 GB on its
+# way through (decoded, float, tiles, outputs); below it, whole scenes pipeline best.
+DEFAULT_STREAM_PIXELS = 4096 * 4096
 
 EXAMPLES = """examples:
   vllm-terratorch predict ./my-model --input scenes/ --output predictions/
@@ -46,6 +49,12 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scene-layout", choices=LAYOUTS, default="auto",
                         help="a scene is a GeoTIFF (file), a folder of time steps (frames) or a folder of modality "
                              "folders (modalities); default: from the model's inputs")
+    parser.add_argument("--stream-pixels", type=_non_negative_int, default=DEFAULT_STREAM_PIXELS, metavar="N",
+                        help="scenes over N pixels are read, inferred and written window by window, never held whole "
+                             "(memory then depends on the tile size and --chunk-tiles, not on the scene); 0: never "
+                             "(default: %(default)s, 4096 x 4096)")
+    parser.add_argument("--cog", action="store_true",
+                        help="write Cloud-Optimized GeoTIFFs (with overviews); every raster scene is then streamed")
     parser.add_argument("--indices", type=_indices,
                         help="0-based band indices to read, in model order, e.g. 1,2,3,8,11,12 (default: from the config)")
     parser.add_argument("--overwrite", action="store_true", help="redo inputs whose output already exists")
@@ -82,6 +91,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 

@@ -58,6 +58,8 @@ def run_predict(args: argparse.Namespace, llm: Any = None) -> int:
     """Run `predict` for parsed `args`; returns the exit code. `llm`: an existing engine to use (tests)."""
     began = time.monotonic()
     try:
+        if args.ray and args.cog:
+            raise UsageError("--cog is written by the local pipeline only (scenes on Ray are held whole); drop --ray or --cog")
         options = parse_engine_options(getattr(args, "engine_options", None) or [])
         if options:
             check_engine_options(options)

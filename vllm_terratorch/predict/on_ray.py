@@ -198,6 +198,8 @@ def run_ray(args: argparse.Namespace, todo: list[Item], *, model_dir: Path, plug
                 if row["ok"]:
                     stats.tiles += int(row["tiles"])
                     item.record["tiles"] = int(row["tiles"])
+                    progress.tiles_planned(int(row["tiles"]))  # Ray reports a scene once, when written
+                    progress.tiles_done(int(row["tiles"]))
                 finish(item, progress, bool(row["ok"]), row["error"], row["started"], row["finished"])
         except KeyboardInterrupt:
             stats.interrupted = True

@@ -16,10 +16,12 @@ from vllm_terratorch.files import PARTIAL_SUFFIX, write_atomically
 
 
 class Progress:
-    """tqdm bar (scenes/s, ETA) on stderr, and error lines that do not break it.
+    """tqdm bar on stderr in tiles (tiles/s, ETA over the tiles known so far) with scenes done / total,
+    and error lines that do not break it.
 
-    The bar appears at `start()` (once the engine is up), so that start-up time does not count in
-    the rate and ETA; inputs finished before that (bad inputs) are its initial count.
+    A scene's tiles join the total when it is read (so a whole-scene run's ETA is known from its
+    first scene on). The bar appears at `start()` (once the engine is up), so that start-up time
+    does not count in the rate and ETA; inputs finished before that (bad inputs) count as done.
     """
 
     def __init__(self, total: int, enabled: bool) -> None:
@@ -27,25 +29,41 @@ class Progress:
         self.enabled = enabled
         self.count = 0
         self.failed = 0
+        self.planned = 0
+        self.inferred = 0
         self.bar: Any = None
 
     def start(self) -> None:
         if self.bar is None and self.enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, initial=self.count, unit="scene", desc="predict", file=sys.stderr,
+            self.bar = tqdm(total=self.planned, initial=self.inferred, unit="tile", desc="predict", file=sys.stderr,
                             dynamic_ncols=True, smoothing=0.1)
-            if self.failed:
-                self.bar.set_postfix(failed=self.failed)
+            self._postfix()
+
+    def _postfix(self) -> None:
+        if self.bar is not None:
+            scenes = f"{self.count}/{self.total}" + (f", {self.failed} failed" if self.failed else "")
+            self.bar.set_postfix_str(f"scenes {scenes}", refresh=False)
+
+    def tiles_planned(self, tiles: int) -> None:
+        self.planned += tiles
+        if self.bar is not None:
+            self.bar.total = self.planned
+            self.bar.refresh()
+
+    def tiles_done(self, tiles: int) -> None:
+        self.inferred += tiles
+        if self.bar is not None:
+            self.bar.update(tiles)
 
     def done(self, ok: bool) -> None:
         self.count += 1
         if not ok:
             self.failed += 1
+        self._postfix()
         if self.bar is not None:
-            if not ok:
-                self.bar.set_postfix(failed=self.failed, refresh=False)
-            self.bar.update(1)
+            self.bar.refresh()
 
     def message(self, text: str) -> None:
         if self.bar is None:
@@ -58,6 +76,26 @@ class Progress:
             self.bar.close()
 
 
+def peak_rss_bytes(pids: list[int]) -> int | None:
+    """The sum of each process's peak resident memory (Linux's VmHWM; an upper bound of the tree's
+    peak), or this process's own peak where /proc is missing."""
+    total = 0
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) * 1024
+    if total:
+        return total
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak * (1 if sys.platform == "darwin" else 1024)
+
+
 @dataclass
 class PipelineStats:
     wall_s: float = 0.0
@@ -65,6 +103,7 @@ class PipelineStats:
     engine_calls: int = 0
     tiles: int = 0
     interrupted: bool = False
+    peak_rss_bytes: int | None = None  # this process and its workers (summed peaks)
     busy_fraction: float | None = None  # set where busy / wall is not the right ratio (Ray: per replica)
 
 
@@ -104,6 +143,7 @@ def write_summary(outdir: Path, items: list[Item], meta: dict[str, Any], stats: 
             else round(stats.engine_busy_s / stats.wall_s, 4) if stats.wall_s > 0 else None,
             "engine_calls": stats.engine_calls,
             "scenes_per_second": round(processed / stats.wall_s, 3) if stats.wall_s > 0 else None,
+            "peak_rss_bytes": stats.peak_rss_bytes,
         }
     summary = {
         **meta,

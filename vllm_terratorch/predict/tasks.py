@@ -32,6 +32,7 @@ class ProcessorSpec:
     plugin: str
     dtype: str  # torch dtype name, e.g. "float32"
     indices: tuple[int, ...] | None = None
+    stream_pixels: int | None = None  # scenes larger than this are read window by window (None: never)
 
 
 _PIPELINES: dict[ProcessorSpec, Any] = {}
@@ -49,17 +50,37 @@ def get_pipeline(spec: ProcessorSpec) -> Any:
     return pipeline
 
 
-def worker_init() -> None:
-    """Pool initializer: Ctrl-C is the parent's business (a worker always finishes its write), one
+def worker_init(parent: int | None = None) -> None:
+    """Pool initializer: Ctrl-C is the parent's business (a worker always finishes its write), a
+    worker dies with its parent (`parent`: its pid; a killed `predict` leaves no worker behind), one
     compute thread per worker (the engine owns the cores), and the heavy imports done up front."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent is not None:
+        die_with_parent(parent)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
     torch.set_num_threads(1)
     import vllm_terratorch.io.tasks  # noqa: F401  (rasterio, pydantic, the config parsing)
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when its parent exits (Linux's PR_SET_PDEATHSIG); if the
+    parent is already gone, exit now. Elsewhere nothing is done (a killed parent may leave it behind)."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def warm_up(spec: ProcessorSpec | None = None) -> int:
@@ -142,22 +163,41 @@ def scene_request(pipeline: Any, path: str, indices: list[int] | None) -> tuple[
     return request, files
 
 
+def _wire_tiles(tiles: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+    import torch
+
+    wired = {}
+    for name, stacked in tiles.items():
+        if stacked.dtype == torch.float64 and torch.equal(stacked.to(torch.float32).to(torch.float64), stacked):
+            stacked = stacked.to(torch.float32)  # the datamodule's float32 values: half the bytes, nothing lost
+        wired[name] = to_wire(stacked)
+    return wired
+
+
+def _streams(pipeline: Any, request: Any) -> bool:
+    """Whether the scene can be read window by window (a raster output, read by the hand-written path)."""
+    return pipeline.writes_raster and pipeline.modalities is None and not pipeline.reads_by_datamodule(request)
+
+
 def decode_scene(spec: ProcessorSpec, index: int, path: str) -> dict[str, Any]:
-    """Read and prepare one scene. On success: wire tiles, extras and the pipeline's `Pending`."""
+    """Read and prepare one scene. On success: wire tiles, extras and the pipeline's `Pending`; for a
+    scene over `spec.stream_pixels`, only `stream: True` and its tile count (its tiles are read
+    later, chunk by chunk, by `decode_chunk`)."""
     started = time.time()
     try:
         pipeline = get_pipeline(spec)
         request, files = scene_request(pipeline, path, list(spec.indices) if spec.indices is not None else None)
+        if spec.stream_pixels is not None and _streams(pipeline, request):
+            from vllm_terratorch.io.windows import WindowedScene
+
+            with WindowedScene(pipeline, request, files) as scene:  # checks every header
+                if scene.pixels > spec.stream_pixels:
+                    return {"index": index, "ok": True, "stream": True, "count": len(scene.plan), "started": started}
         prompts, pending = pipeline.prepare([file.read_bytes() for file in files], request)  # `pending` travels too
         import torch
 
         images = [prompt["multi_modal_data"][MODALITY] for prompt in prompts]
-        tiles = {}
-        for name in pipeline.image_names:
-            stacked = torch.stack([image[name] for image in images])
-            if stacked.dtype == torch.float64 and torch.equal(stacked.to(torch.float32).to(torch.float64), stacked):
-                stacked = stacked.to(torch.float32)  # the datamodule's float32 values: half the bytes, nothing lost
-            tiles[name] = to_wire(stacked)
+        tiles = _wire_tiles({name: torch.stack([image[name] for image in images]) for name in pipeline.image_names})
         return {
             "index": index,
             "ok": True,
@@ -169,6 +209,22 @@ def decode_scene(spec: ProcessorSpec, index: int, path: str) -> dict[str, Any]:
             "decode_s": time.time() - started,
         }
     except Exception as error:  # noqa: BLE001 - every failure of one input is reported, the run goes on
+        return {"index": index, "ok": False, "error": describe_error(error), "started": started}
+
+
+def decode_chunk(spec: ProcessorSpec, index: int, path: str, start: int, stop: int) -> dict[str, Any]:
+    """Tiles `start` .. `stop - 1` of a streamed scene, read by window, in `decode_scene`'s form."""
+    started = time.time()
+    try:
+        from vllm_terratorch.io.windows import WindowedScene
+
+        pipeline = get_pipeline(spec)
+        request, files = scene_request(pipeline, path, list(spec.indices) if spec.indices is not None else None)
+        with WindowedScene(pipeline, request, files) as scene:
+            tiles = _wire_tiles(scene.tiles(start, stop))
+            extras = {key: to_wire(value) for key, value in scene.extras.items()}
+        return {"index": index, "ok": True, "tiles": tiles, "count": stop - start, "extras": extras, "started": started}
+    except Exception as error:  # noqa: BLE001
         return {"index": index, "ok": False, "error": describe_error(error), "started": started}
 
 
