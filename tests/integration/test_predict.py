@@ -84,9 +84,12 @@ def predict_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def local_run(workdir, starting_server):
     out = workdir / "out"
-    # Small engine batches and chunks, so that tiles of different scenes share batches and calls.
+    # Small engine batches and chunks, so that tiles of different scenes share batches and calls; the
+    # four scenes over 10000 pixels are streamed (read, inferred and written window by window, #18)
+    # between the others, and must still equal the server's in-memory answers.
     result = predict_cli(str(workdir / "model"), "--input", str(workdir / "scenes"), "--output", str(out),
-                         "--dtype", "float32", "--max-num-seqs", "8", "--chunk-tiles", "12", "--workers", "2")
+                         "--dtype", "float32", "--max-num-seqs", "8", "--chunk-tiles", "12", "--workers", "2",
+                         "--stream-pixels", "10000")
     return out, result
 
 

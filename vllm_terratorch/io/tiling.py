@@ -124,9 +124,17 @@ def padded_indices(size: int, padded: int, mode: PaddingMode) -> np.ndarray:
     return np.pad(index, (0, padded - size), mode=mode)
 
 
+def _as_slice(index: np.ndarray) -> slice | np.ndarray:
+    """A run of consecutive indices as a slice (a view, no copy), else the indices."""
+    if len(index) and index[0] >= 0 and np.array_equal(index, np.arange(index[0], index[0] + len(index))):
+        return slice(int(index[0]), int(index[0]) + len(index))
+    return np.maximum(index, 0)
+
+
 def take_padded(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """`image[..., rows, cols]` (last two axes), zero where an index is negative."""
-    out = image[..., np.maximum(rows, 0), :][..., np.maximum(cols, 0)]
+    """`image[..., rows, cols]` (last two axes), zero where an index is negative (a view where
+    neither axis is padded)."""
+    out = image[..., _as_slice(rows), :][..., _as_slice(cols)]
     if (rows < 0).any():
         out[..., rows < 0, :] = 0
     if (cols < 0).any():
@@ -214,9 +222,12 @@ def stitch(
 
 class RowStitcher:
     """`stitch` for outputs too large to hold: tile outputs are added in plan order, and each band of
-    rows that no later tile covers leaves at once as float32 (K, rows, W), the values `stitch`
-    gives there bit for bit (the same sums, in the same order). Only the accumulator rows a later
-    tile can still reach are kept: K x (h_crop + h_stride) x padded width, whatever the height."""
+    rows that no later tile covers leaves at once as float32 (K, rows, W), at most `ROWS` rows per
+    band, the values `stitch` gives there bit for bit (the same sums, in the same order). Only the
+    accumulator rows a later tile can still reach are kept: K x h_crop x padded width, allocated
+    once, whatever the image height."""
+
+    ROWS = 128
 
     def __init__(self, plan: TilePlan) -> None:
         self.plan = plan
@@ -224,8 +235,8 @@ class RowStitcher:
         self.added = 0  # tiles added so far
         self.base = 0  # image row of the first accumulator row
         self.channels: int | None = None
-        self.total = np.zeros((0, 0, plan.padded_width))
-        self.weights = np.zeros((0, plan.padded_width))
+        self.total = np.zeros((0, plan.config.h_crop, plan.padded_width))
+        self.weights = np.zeros((plan.config.h_crop, plan.padded_width))
 
     @property
     def done(self) -> bool:
@@ -241,25 +252,33 @@ class RowStitcher:
         for tile in tiles:
             if self.channels is None:
                 self.channels = tile.shape[0]
-                self.total = np.zeros((self.channels, 0, plan.padded_width))
+                self.total = np.zeros((self.channels, c.h_crop, plan.padded_width))
             top, left = plan.origins[self.added]
-            grow = top + c.h_crop - self.base - self.weights.shape[0]
-            if grow > 0:
-                self.total = np.concatenate([self.total, np.zeros((self.channels, grow, plan.padded_width))], axis=1)
-                self.weights = np.concatenate([self.weights, np.zeros((grow, plan.padded_width))])
-            row = top - self.base
+            row = top - self.base  # 0 <= row, row + h_crop <= h_crop: tiles of one tile row start at base
             self.total[:, row : row + c.h_crop, left : left + c.w_crop] += tile * self.weight
             self.weights[row : row + c.h_crop, left : left + c.w_crop] += self.weight
             self.added += 1
             following = plan.origins[self.added][0] if self.added < len(plan) else plan.padded_height
             end = min(following, plan.height)
             if following > top and end > self.base:  # a tile row is complete: rows above the next one are final
-                count = end - self.base
-                values = (self.total[:, :count] / self.weights[:count])[:, :, : plan.width].astype(np.float32)
-                finished.append((self.base, values))
-                self.total, self.weights = self.total[:, count:].copy(), self.weights[count:].copy()
-                self.base = end
+                finished.extend(self._flush(end - self.base))
         return finished
+
+    def _flush(self, count: int) -> list[tuple[int, np.ndarray]]:
+        width = self.plan.width
+        bands = []
+        for first in range(0, count, self.ROWS):
+            rows = slice(first, min(first + self.ROWS, count))
+            values = np.empty((self.total.shape[0], rows.stop - rows.start, width), np.float32)
+            values[...] = self.total[:, rows, :width] / self.weights[rows, :width]
+            bands.append((self.base + first, values))
+        kept = self.total.shape[1] - count  # rows a later tile still reaches move to the top
+        self.total[:, :kept] = self.total[:, count:].copy()
+        self.total[:, kept:] = 0
+        self.weights[:kept] = self.weights[count:].copy()
+        self.weights[kept:] = 0
+        self.base += count
+        return bands
 
 
 def cut_tiles(image: np.ndarray, plan: TilePlan) -> torch.Tensor:

@@ -11,8 +11,8 @@ at a time, written window by window. Never the whole raster, in or out.
   writes it (`GeoTiffRowWriter`): a tiled, compressed GeoTIFF under a temporary name, renamed when
   complete, or a Cloud-Optimized GeoTIFF made from it.
 
-What is held at once: the tiles asked for, and K x (h_crop + h_stride) x width accumulators, plus
-one block row (256 rows) of output; not a function of the scene's height.
+What is held at once: the tiles asked for, K x h_crop x width accumulators and one block row (256
+rows) of output; not a function of the scene's height.
 """
 
 from __future__ import annotations
@@ -141,9 +141,9 @@ class WindowedScene:
             images.append(take_padded(image, window_rows, window_cols))
         return images[0] if self.pipeline.frames is None else np.stack(images, axis=1)
 
-    def tiles(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+    def tiles(self, start: int, stop: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Tiles `start` .. `stop - 1` of the plan, as `prepare` cuts them: {image input: (n, C[, T], h, w)}
-        at the pipeline's dtype. One window per file per tile row touched."""
+        at the pipeline's dtype (or `dtype`). One window per file per tile row touched."""
         c = self.plan.config
         origins = self.plan.origins[start:stop]
         cut: list[np.ndarray] = []
@@ -152,7 +152,7 @@ class WindowedScene:
             first = min(lefts)
             band = self._band(self.rows[top : top + c.h_crop], self.cols[first : max(lefts) + c.w_crop])
             cut.extend(band[..., left - first : left - first + c.w_crop] for left in lefts)
-        return {self.pipeline.image_name: torch.from_numpy(np.stack(cut)).to(self.pipeline.dtype)}
+        return {self.pipeline.image_name: torch.from_numpy(np.stack(cut)).to(dtype or self.pipeline.dtype)}
 
     def nodata_rows(self, top: int, count: int) -> np.ndarray:
         """(1, count, W): pixels of rows `top` .. that are nodata in any input, as `prepare` masks them."""
@@ -274,7 +274,7 @@ class SceneWriter:
             finished = self.stitcher.add(outputs)
         except ValueError as error:
             raise RequestError(str(error)) from None
-        for top, values in finished:
+        for top, values in finished:  # bands of at most RowStitcher.ROWS rows: small temporaries
             mask = self.scene.nodata_rows(top, values.shape[1])
             self.writer.write(self.scene.pipeline.raster_rows(values, mask))
 

@@ -45,7 +45,8 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=_positive_int, default=_default_workers(),
                         help="processes decoding / encoding GeoTIFFs (default: %(default)s)")
     parser.add_argument("--chunk-tiles", type=_positive_int,
-                        help="tiles sent to the engine per call, from as many scenes as needed (default: 2 x max-num-seqs)")
+                        help="tiles sent to the engine per call, from as many scenes as needed (default: 2 x max-num-seqs, "
+                             "fewer for large tiles: at most 32 MiB of tile inputs per call on a CPU, 1 GiB on a GPU)")
     parser.add_argument("--scene-layout", choices=LAYOUTS, default="auto",
                         help="a scene is a GeoTIFF (file), a folder of time steps (frames) or a folder of modality "
                              "folders (modalities); default: from the model's inputs")

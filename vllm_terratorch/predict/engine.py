@@ -22,8 +22,10 @@ from vllm_terratorch.errors import ConfigError, UsageError
 from vllm_terratorch.predict.tasks import build_prompts, describe_error
 from vllm_terratorch.registration import PLUGINS, kind_for_task
 
-# Engine options predict sets itself (the passthrough may override them).
-ENGINE_DEFAULTS = {"model_impl": "terratorch", "skip_tokenizer_init": True, "enforce_eager": True}
+# Engine options predict sets itself (the passthrough may override them). No multimodal processor
+# cache: a run's tiles never repeat, and vLLM would keep up to 4 GiB of them (a whole scene's worth).
+ENGINE_DEFAULTS = {"model_impl": "terratorch", "skip_tokenizer_init": True, "enforce_eager": True,
+                   "mm_processor_cache_gb": 0}
 
 
 def plugin_for_model(model_dir: Path) -> str:

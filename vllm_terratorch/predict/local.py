@@ -4,6 +4,7 @@ encodes tiles of many scenes per call (`--chunk-tiles`), and the pool stitches a
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import os
 import time
@@ -33,6 +34,23 @@ from vllm_terratorch.predict.tasks import (
 
 
 MAX_OPEN_STREAMS = 2  # streamed scenes with a writer at once (one finishing, the next starting)
+# Tile inputs per engine call at most (float32 bytes). Two calls' worth wait ahead of the engine and
+# two calls' outputs behind it, and the forward's activations grow with the call, so this (not the
+# scene size) bounds what a run holds. On a CPU 32 MiB is 128 tiles of 64^2 x 6 bands, 26 of 224^2,
+# 5 of 512^2: measured on 2 cores, 4 tiles of 512^2 per call ran 25 % faster than 10, and 20
+# cost 2 GB more. A GPU batches far more per call, in device memory: 1 GiB there.
+CHUNK_BYTES = {"cpu": 32 * 1024**2, "gpu": 1024**3}
+# GDAL's block cache per process (MB) unless the user set one: GDAL's own default is 5 % of RAM per
+# process, which windowed reads of a large scene fill in every worker.
+GDAL_CACHE_MB = "64"
+
+
+def default_chunk_tiles(pipeline: Any, max_num_seqs: int, device: str) -> int:
+    """Tiles per engine call: two engine batches, fewer where the tiles are large (CHUNK_BYTES)."""
+    data, tiling = pipeline.pretrained_cfg.input.data, pipeline.tiling
+    tile_bytes = sum(4 * math.prod(data[name].shape[:-2]) * tiling.h_crop * tiling.w_crop for name in pipeline.image_names)
+    budget = CHUNK_BYTES["cpu" if device == "cpu" else "gpu"]
+    return max(1, min(2 * max_num_seqs, budget // tile_bytes))
 
 
 class LocalPipeline:
@@ -267,6 +285,7 @@ def run_local(args: argparse.Namespace, todo: list[Item], *, model_dir: Path, pl
                engine_options: dict[str, Any], meta: dict[str, Any], llm: Any = None) -> PipelineStats:
     # Scenes are prepared at float64 and cast to the engine's dtype just before inference (one
     # rounding, as `prepare` at that dtype does), so decoding needs no engine and starts at once.
+    os.environ.setdefault("GDAL_CACHEMAX", GDAL_CACHE_MB)  # before this process reads a block; workers inherit it
     spec = ProcessorSpec(str(model_dir), plugin, "float64", args.indices, stream_pixels=0 if args.cog else args.stream_pixels or None)
     pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init,
                                initargs=(os.getpid(),))
@@ -296,9 +315,10 @@ def run_local(args: argparse.Namespace, todo: list[Item], *, model_dir: Path, pl
             llm = create_engine(kwargs)
         vllm_config = llm.llm_engine.vllm_config
         dtype = vllm_config.model_config.dtype
-        pipeline_class(plugin).for_model_folder(model_dir, dtype)  # fails here if the processor cannot serve the model
+        probe = pipeline_class(plugin).for_model_folder(model_dir, dtype)  # fails here if the processor cannot serve the model
         max_num_seqs = vllm_config.scheduler_config.max_num_seqs
-        chunk_tiles = args.chunk_tiles or 2 * max_num_seqs
+        device = str(getattr(getattr(vllm_config, "device_config", None), "device_type", None) or "cpu")
+        chunk_tiles = args.chunk_tiles or default_chunk_tiles(probe, max_num_seqs, device)
         meta |= {"dtype": dtype_name(dtype), "max_num_seqs": max_num_seqs, "chunk_tiles": chunk_tiles,
                  "workers": args.workers}
         if owned:

@@ -221,7 +221,10 @@ def decode_chunk(spec: ProcessorSpec, index: int, path: str, start: int, stop: i
         pipeline = get_pipeline(spec)
         request, files = scene_request(pipeline, path, list(spec.indices) if spec.indices is not None else None)
         with WindowedScene(pipeline, request, files) as scene:
-            tiles = _wire_tiles(scene.tiles(start, stop))
+            import torch
+
+            # float32 as the datamodule makes them (the engine's dtype is applied in build_prompts)
+            tiles = {name: to_wire(value) for name, value in scene.tiles(start, stop, torch.float32).items()}
             extras = {key: to_wire(value) for key, value in scene.extras.items()}
         return {"index": index, "ok": True, "tiles": tiles, "count": stop - start, "extras": extras, "started": started}
     except Exception as error:  # noqa: BLE001

@@ -1,0 +1,162 @@
+"""A whole scene far larger than memory would allow held whole, through `vllm-terratorch predict` (#18).
+
+A 10000 x 10000 x 6 int16 scene (1.2 GB on disk, 2.4 GB as float32, ~20 GB the way the in-memory
+path held it) is generated block by block into the test's tmp dir. `predict` (a real engine, a tiny
+Prithvi + UperNet with 512^2 tiles, coarse so that CI's two cores get through 400 tiles) must run
+it with a process-tree peak RSS less than 800 MiB above the same command on a 1024^2 crop of it,
+and give the crop's (in-memory) answer on that window. Also: a killed `predict` leaves no worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+
+from vllm_terratorch.testing.samples import sample_pretrained_cfg, write_model_folder, write_sample_geotiff
+
+pytestmark = pytest.mark.integration
+SIZE, CROP, TILE = 10_000, 1024, 512
+BLOCK = 512  # rows generated (and written) at a time
+MiB = 1024**2
+
+
+def tiny_model_cfg() -> dict:
+    """One transformer block and a 4-channel UperNet: ~60 ms per 512^2 tile on two CPU cores."""
+    cfg = sample_pretrained_cfg("segmentation", image_size=TILE, decoder_channels=4)
+    model_args = cfg["model"]["init_args"]["model_args"]
+    model_args["backbone_depth"] = 1
+    model_args["necks"][0]["indices"] = [0, 0, 0, 0]
+    cfg["model"]["init_args"]["tiled_inference_parameters"] = {"h_crop": TILE, "w_crop": TILE}  # no overlap
+    return cfg
+
+
+def write_scene(path: Path, size: int, pattern: np.ndarray) -> None:
+    """A size x size scene assembled block row by block row from `pattern` (never held whole), with
+    nodata pixels; tiled like a Sentinel-2 product."""
+    bands, rows, cols = pattern.shape
+    profile = {"driver": "GTiff", "height": size, "width": size, "count": bands, "dtype": "int16", "nodata": -9999,
+               "crs": "EPSG:32629", "transform": from_origin(725000.0, 4375000.0, 10.0, 10.0),
+               "tiled": True, "blockxsize": 512, "blockysize": 512}
+    with rasterio.open(path, "w", **profile) as target:
+        for top in range(0, size, BLOCK):
+            height = min(BLOCK, size - top)
+            shift = (top // BLOCK) * 37
+            band = np.tile(np.roll(pattern, shift, axis=2), (1, 1, -(-size // cols)))[:, top % rows : top % rows + height, :size]
+            if band.shape[1] < height:  # wrap around the pattern's rows
+                band = np.tile(np.roll(pattern, shift, axis=2), (1, 2, -(-size // cols)))[:, top % rows : top % rows + height, :size]
+            band = band.copy()
+            band[:, :: 97, :: 89] = -9999
+            target.write(band, window=Window(0, top, size, height))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("whole-scenes")
+    write_model_folder(root / "model", tiny_model_cfg())
+    pattern_file = write_sample_geotiff(root / "pattern.tif", 1000, 1000, seed=5)
+    with rasterio.open(pattern_file) as source:
+        pattern = source.read()
+    for name, size in (("big", SIZE), ("crop", CROP)):
+        (root / name).mkdir()
+        write_scene(root / name / f"{name}.tif", size, pattern)
+    yield root
+    (root / "big" / "big.tif").unlink(missing_ok=True)
+
+
+def tree_rss(process: psutil.Process) -> int:
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            total += member.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_measured(command: list[str], log: Path, timeout: float = 900) -> tuple[int, int]:
+    """Run `command`; its return code and the process tree's peak RSS (sum over the processes,
+    sampled every 50 ms)."""
+    with log.open("w") as output:
+        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        process, peak, stop = psutil.Process(child.pid), 0, threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                try:
+                    peak = max(peak, tree_rss(process))
+                except psutil.Error:
+                    pass
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            code = child.wait(timeout=timeout)
+        finally:
+            stop.set()
+            sampler.join()
+            if child.poll() is None:
+                child.kill()
+    return code, peak
+
+
+def predict_command(workdir: Path, name: str) -> list[str]:
+    return [sys.executable, "-m", "vllm_terratorch.predict.main", str(workdir / "model"), "--input", str(workdir / name),
+            "--output", str(workdir / f"out-{name}"), "--dtype", "float32", "--no-progress"]
+
+
+def test_a_scene_larger_than_memory_allows_predicts_in_flat_memory(workdir):
+    code, small_peak = run_measured(predict_command(workdir, "crop"), workdir / "crop.log")
+    assert code == 0, (workdir / "crop.log").read_text()[-3000:]
+    code, big_peak = run_measured(predict_command(workdir, "big"), workdir / "big.log")
+    assert code == 0, (workdir / "big.log").read_text()[-3000:]
+    grown = (big_peak - small_peak) / MiB
+    assert grown < 800, f"peak RSS {big_peak / MiB:.0f} MiB for {SIZE}^2 vs {small_peak / MiB:.0f} MiB for {CROP}^2"
+
+    summary = json.loads((workdir / "out-big" / "summary.json").read_text())
+    assert summary["totals"]["ok"] == 1 and summary["inputs"][0]["tiles"] == (-(-SIZE // TILE)) ** 2
+    assert summary["totals"]["peak_rss_bytes"] >= 0.5 * big_peak  # the summary reports the run's memory too
+    with rasterio.open(workdir / "out-big" / "big_pred.tif") as big, rasterio.open(workdir / "out-crop" / "crop_pred.tif") as crop:
+        assert (big.width, big.height, big.crs, big.transform) == (SIZE, SIZE, crop.crs, crop.transform)
+        assert big.profile["tiled"] and big.nodata == 255
+        window = big.read(window=Window(0, 0, CROP, CROP))
+        expected = crop.read()
+        # The crop's tiles are the big scene's first tiles (no overlap, 1024 = 2 tiles): the same
+        # inputs, in engine batches of other sizes.
+        assert float((window == expected).mean()) >= 0.999
+        assert len(np.unique(expected)) > 1 and (expected == 255).any()  # real predictions, nodata kept
+        last = big.read(window=Window(SIZE - 300, SIZE - 300, 300, 300))  # the padded edge tiles
+        assert len(np.unique(last)) > 1
+    assert not list((workdir / "out-big").glob(".*"))  # no temporary file left
+
+
+def test_a_killed_predict_leaves_no_worker_behind(workdir):
+    command = predict_command(workdir, "crop")
+    command[command.index("--output") + 1] = str(workdir / "out-killed")
+    child = subprocess.Popen([*command, "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = psutil.Process(child.pid)
+    deadline = time.monotonic() + 120
+    workers: list[psutil.Process] = []
+    while time.monotonic() < deadline and len(workers) < 2:
+        workers = [p for p in process.children(recursive=True) if "multiprocessing" in " ".join(p.cmdline())]
+        time.sleep(0.2)
+    assert len(workers) >= 2, "predict started no decode workers"
+    time.sleep(2)  # the workers are up (initialised) while the engine loads
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=20)
+    assert not alive, f"workers outlived their killed parent: {[p.pid for p in alive]}"
