@@ -256,6 +256,41 @@ def test_ctrl_c_keeps_only_complete_outputs_and_resumes(tmp_path, capsys):
     assert summary["totals"]["ok"] == 8 and summary["totals"]["skipped"] == 0
 
 
+def test_a_streamed_scene_is_written_whole_or_not_at_all(tmp_path):
+    """Scenes over --stream-pixels (#18): the outputs of scenes held whole; Ctrl-C or a failed
+    forward in the middle of one leaves no file of it, and the other scenes go on."""
+    model = write_model_folder(tmp_path / "model", CFG)
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    for index in range(3):
+        write_sample_geotiff(scenes / f"s{index}.tif", 200, 190, seed=index)  # 4 x 4 tiles each
+    base = [str(model), "--input", str(scenes), "--chunk-tiles", "4", "--workers", "1", "--no-progress"]
+
+    def run(name: str, engine: StandInEngine, *options: str) -> tuple[int, Path]:
+        return run_predict(parse([*base, "--output", str(tmp_path / name), *options]), llm=engine), tmp_path / name
+
+    assert run("whole", StandInEngine(model), "--stream-pixels", "0")[0] == 0
+    code, streamed = run("streamed", StandInEngine(model), "--stream-pixels", "1000")
+    assert code == 0
+    for index in range(3):
+        assert np.array_equal(read_mask(streamed / f"s{index}_pred.tif")[0], read_mask(tmp_path / "whole" / f"s{index}_pred.tif")[0])
+    assert json.loads((streamed / "summary.json").read_text())["totals"]["tiles"] == 48
+
+    # Ctrl-C in the engine's 6th call: the first scene (calls 1-4) is complete, the second is not.
+    code, out = run("interrupted", StandInEngine(model, interrupt_on_call=6), "--stream-pixels", "1000")
+    assert code == 130
+    statuses = {Path(e["input"]).name: e["status"] for e in json.loads((out / "summary.json").read_text())["inputs"]}
+    assert statuses == {"s0.tif": "ok", "s1.tif": "interrupted", "s2.tif": "interrupted"}
+    assert sorted(p.name for p in out.iterdir()) == ["s0_pred.tif", "summary.json"]  # no temp file either
+
+    # A failed forward (NaN outputs) in the second call: that scene fails with no output, the rest is written.
+    code, out = run("nan", StandInEngine(model, nan_on_call=2), "--stream-pixels", "1000")
+    assert code == 1
+    entries = {Path(e["input"]).name: e for e in json.loads((out / "summary.json").read_text())["inputs"]}
+    assert entries["s0.tif"]["status"] == "failed" and "no valid output" in entries["s0.tif"]["error"]
+    assert sorted(p.name for p in out.iterdir()) == ["s1_pred.tif", "s2_pred.tif", "summary.json"]
+
+
 def test_inputs_from_glob_and_list(tmp_path):
     for relative in ("x/a.tif", "x/y/b.TIFF", "x/c.txt", "z/d.tif"):
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)

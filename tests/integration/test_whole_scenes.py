@@ -65,7 +65,7 @@ def write_scene(path: Path, size: int, pattern: np.ndarray) -> None:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("whole-scenes")
-    write_model_folder(root / "model", tiny_model_cfg())
+    write_model_folder(root / "model", tiny_model_cfg(), seed=4)  # a seed whose random model predicts both classes here
     pattern_file = write_sample_geotiff(root / "pattern.tif", 1000, 1000, seed=5)
     with rasterio.open(pattern_file) as source:
         pattern = source.read()

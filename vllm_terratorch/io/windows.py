@@ -66,7 +66,7 @@ def _open(path: Path) -> tuple[Any, RasterFile]:
     try:
         source = rasterio.open(path)
     except RasterioError as error:
-        raise RequestError(f"{path.name} is not a readable GeoTIFF: {error}") from None
+        raise RequestError(f"the input is not a readable GeoTIFF: {error}") from None
     if source.driver != "GTiff":
         source.close()
         raise RequestError(f"{path.name} is a {source.driver} raster; expected a GeoTIFF")

@@ -265,14 +265,19 @@ class LocalPipeline:
             for future in decoding:
                 future.cancel()
             for stream in streams:
-                stream.fail("interrupted")  # a streamed scene is never half written
-            if writing:
+                if stream.closing is None:  # not every tile inferred: dropped, never half written
+                    stream.fail("interrupted")
+            if writing or streams:
                 self.progress.message(
                     f"{PROG}: interrupted; finishing the {len(writing)} outputs already inferred (Ctrl-C again to stop now)"
                 )
                 try:
                     done, _ = wait(list(writing))
                     harvest_writes(list(done))
+                    self.writer_thread.shutdown(wait=True)
+                    for stream in streams:
+                        if stream.poll():  # the scenes whose last row was being written when Ctrl-C came
+                            self._finish(stream.item, True, None, stream.started, time.time(), stream.count)
                 except KeyboardInterrupt:
                     pass
         finally:

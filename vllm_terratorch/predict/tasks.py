@@ -179,6 +179,18 @@ def _streams(pipeline: Any, request: Any) -> bool:
     return pipeline.writes_raster and pipeline.modalities is None and not pipeline.reads_by_datamodule(request)
 
 
+def _pixels(path: Path) -> int:
+    """A GeoTIFF's pixel count from its header (0 if unreadable: `prepare` then says why)."""
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    try:
+        with rasterio.open(path) as source:
+            return source.width * source.height
+    except (RasterioError, OSError):
+        return 0
+
+
 def decode_scene(spec: ProcessorSpec, index: int, path: str) -> dict[str, Any]:
     """Read and prepare one scene. On success: wire tiles, extras and the pipeline's `Pending`; for a
     scene over `spec.stream_pixels`, only `stream: True` and its tile count (its tiles are read
@@ -187,12 +199,11 @@ def decode_scene(spec: ProcessorSpec, index: int, path: str) -> dict[str, Any]:
     try:
         pipeline = get_pipeline(spec)
         request, files = scene_request(pipeline, path, list(spec.indices) if spec.indices is not None else None)
-        if spec.stream_pixels is not None and _streams(pipeline, request):
+        if spec.stream_pixels is not None and _streams(pipeline, request) and _pixels(files[0]) > spec.stream_pixels:
             from vllm_terratorch.io.windows import WindowedScene
 
-            with WindowedScene(pipeline, request, files) as scene:  # checks every header
-                if scene.pixels > spec.stream_pixels:
-                    return {"index": index, "ok": True, "stream": True, "count": len(scene.plan), "started": started}
+            with WindowedScene(pipeline, request, files) as scene:  # checks every header, as prepare does
+                return {"index": index, "ok": True, "stream": True, "count": len(scene.plan), "started": started}
         prompts, pending = pipeline.prepare([file.read_bytes() for file in files], request)  # `pending` travels too
         import torch
 
