@@ -57,6 +57,18 @@ def test_online_smoke(tmp_path):
         assert set(level["server_split_s"]) == {"decode_s", "engine_s", "encode_s"}
 
 
+def test_scenes_smoke(tmp_path):
+    """benchmarks/scenes.py (#18): one small scene streamed and held whole, the same classes."""
+    run("scenes.py", "--sizes", "1100", "--whole-up-to", "1100", "--work-dir", str(tmp_path / "work"), "--output", str(tmp_path))
+    results = json.loads((tmp_path / "scenes-tile512-float32.json").read_text())
+    streamed, whole = results["runs"]
+    assert (streamed["streamed"], whole["streamed"]) == (True, False)
+    for entry in (streamed, whole):
+        assert entry["returncode"] == 0 and entry["tiles"] == 9 and entry["peak_rss_bytes"] > 0 and entry["s_per_megapixel"] > 0
+    assert streamed["agreement_with_whole"] >= 0.999
+    assert (tmp_path / "scenes-tile512-float32.png").stat().st_size > 0
+
+
 def test_offline_adapter_and_compiled_paths(tmp_path):
     """The paths that need no vLLM engine (what runs on the GPU image), a compile mode named per
     path, and the profile of the raw forward."""

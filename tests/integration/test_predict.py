@@ -275,6 +275,12 @@ def test_a_streamed_scene_is_written_whole_or_not_at_all(tmp_path):
     for index in range(3):
         assert np.array_equal(read_mask(streamed / f"s{index}_pred.tif")[0], read_mask(tmp_path / "whole" / f"s{index}_pred.tif")[0])
     assert json.loads((streamed / "summary.json").read_text())["totals"]["tiles"] == 48
+    code, cog = run("cog", StandInEngine(model), "--cog")  # --cog streams every scene, whatever its size
+    assert code == 0
+    for index in range(3):
+        with rasterio.open(cog / f"s{index}_pred.tif") as source:
+            assert source.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert np.array_equal(read_mask(cog / f"s{index}_pred.tif")[0], read_mask(streamed / f"s{index}_pred.tif")[0])
 
     # Ctrl-C in the engine's 6th call: the first scene (calls 1-4) is complete, the second is not.
     code, out = run("interrupted", StandInEngine(model, interrupt_on_call=6), "--stream-pixels", "1000")

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,96 +21,28 @@ import numpy as np
 import psutil
 import pytest
 import rasterio
-from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from vllm_terratorch.testing.samples import sample_pretrained_cfg, write_model_folder, write_sample_geotiff
+from vllm_terratorch.testing.samples import write_model_folder, write_sample_geotiff
+from vllm_terratorch.testing.scenes import coarse_tile_cfg, run_measured, write_large_scene
 
 pytestmark = pytest.mark.integration
 SIZE, CROP, TILE = 10_000, 1024, 512
-BLOCK = 512  # rows generated (and written) at a time
 MiB = 1024**2
-
-
-def tiny_model_cfg() -> dict:
-    """One transformer block and a 4-channel UperNet: ~60 ms per 512^2 tile on two CPU cores."""
-    cfg = sample_pretrained_cfg("segmentation", image_size=TILE, decoder_channels=4)
-    model_args = cfg["model"]["init_args"]["model_args"]
-    model_args["backbone_depth"] = 1
-    model_args["necks"][0]["indices"] = [0, 0, 0, 0]
-    cfg["model"]["init_args"]["tiled_inference_parameters"] = {"h_crop": TILE, "w_crop": TILE}  # no overlap
-    return cfg
-
-
-def write_scene(path: Path, size: int, pattern: np.ndarray) -> None:
-    """A size x size scene assembled block row by block row from `pattern` (never held whole), with
-    nodata pixels; tiled like a Sentinel-2 product."""
-    bands, rows, cols = pattern.shape
-    profile = {"driver": "GTiff", "height": size, "width": size, "count": bands, "dtype": "int16", "nodata": -9999,
-               "crs": "EPSG:32629", "transform": from_origin(725000.0, 4375000.0, 10.0, 10.0),
-               "tiled": True, "blockxsize": 512, "blockysize": 512}
-    with rasterio.open(path, "w", **profile) as target:
-        for top in range(0, size, BLOCK):
-            height = min(BLOCK, size - top)
-            shift = (top // BLOCK) * 37
-            band = np.tile(np.roll(pattern, shift, axis=2), (1, 1, -(-size // cols)))[:, top % rows : top % rows + height, :size]
-            if band.shape[1] < height:  # wrap around the pattern's rows
-                band = np.tile(np.roll(pattern, shift, axis=2), (1, 2, -(-size // cols)))[:, top % rows : top % rows + height, :size]
-            band = band.copy()
-            band[:, :: 97, :: 89] = -9999
-            target.write(band, window=Window(0, top, size, height))
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("whole-scenes")
-    write_model_folder(root / "model", tiny_model_cfg(), seed=4)  # a seed whose random model predicts both classes here
+    write_model_folder(root / "model", coarse_tile_cfg(TILE), seed=4)  # a seed whose random model predicts both classes here
     pattern_file = write_sample_geotiff(root / "pattern.tif", 1000, 1000, seed=5)
     with rasterio.open(pattern_file) as source:
         pattern = source.read()
     for name, size in (("big", SIZE), ("crop", CROP)):
         (root / name).mkdir()
-        write_scene(root / name / f"{name}.tif", size, pattern)
+        write_large_scene(root / name / f"{name}.tif", size, pattern)
     yield root
     (root / "big" / "big.tif").unlink(missing_ok=True)
-
-
-def tree_rss(process: psutil.Process) -> int:
-    total = 0
-    for member in [process, *process.children(recursive=True)]:
-        try:
-            total += member.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
-def run_measured(command: list[str], log: Path, timeout: float = 900) -> tuple[int, int]:
-    """Run `command`; its return code and the process tree's peak RSS (sum over the processes,
-    sampled every 50 ms)."""
-    with log.open("w") as output:
-        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
-        process, peak, stop = psutil.Process(child.pid), 0, threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not stop.is_set():
-                try:
-                    peak = max(peak, tree_rss(process))
-                except psutil.Error:
-                    pass
-                time.sleep(0.05)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        try:
-            code = child.wait(timeout=timeout)
-        finally:
-            stop.set()
-            sampler.join()
-            if child.poll() is None:
-                child.kill()
-    return code, peak
 
 
 def predict_command(workdir: Path, name: str) -> list[str]:

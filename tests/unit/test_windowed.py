@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import rasterio.shutil
 import torch
 
 from vllm_terratorch.core.config import parse_pretrained_cfg
@@ -80,6 +81,28 @@ def test_tiles_read_by_window_are_the_tiles_prepare_cuts(tmp_path, padding, heig
             assert torch.equal(windowed_tiles(scene, chunk), tiles)
         extras = prompts[0]["multi_modal_data"]["image"]["location_coords"]
         assert torch.equal(scene.extras["location_coords"], extras)
+
+
+@pytest.mark.parametrize("layout", ["tiled", "cog", "float32", "uint16"])
+def test_tiled_cog_and_other_dtypes_are_read_by_window_alike(tmp_path, layout):
+    striped = scene_file(tmp_path / "striped.tif", 150, 131)
+    data, *_, profile = read(striped)
+    path = tmp_path / f"{layout}.tif"
+    if layout == "cog":
+        rasterio.shutil.copy(striped, path, driver="COG", blocksize=64)
+    else:
+        dtype = {"tiled": "int16", "float32": "float32", "uint16": "uint16"}[layout]
+        profile |= {"dtype": dtype, "tiled": layout == "tiled", "blockxsize": 64, "blockysize": 64}
+        if dtype == "uint16":
+            profile["nodata"], data = 0, np.where(data == -9999, 0, data)
+        with rasterio.open(path, "w", **profile) as target:
+            target.write(data.astype(dtype))
+    pipeline = make_pipeline()
+    request, _, tiles, _ = in_memory(pipeline, [path])
+    with WindowedScene(pipeline, request, [path]) as scene:
+        assert torch.equal(windowed_tiles(scene, 5), tiles)
+        whole_mask = pipeline.prepare(path.read_bytes(), request)[1].nodata_mask
+        assert whole_mask.any() and np.array_equal(scene.nodata_rows(0, 150), whole_mask)
 
 
 @pytest.mark.parametrize(("task", "encoding"), [("segmentation", "ids"), ("segmentation", "terratorch"), ("regression", "ids")])
