@@ -38,12 +38,13 @@ def run_size(work: Path, model: Path, pattern: Any, size: int, stream: bool, dty
     out = work / f"out-{size}-{'stream' if stream else 'whole'}"
     command = [sys.executable, "-m", "vllm_terratorch.predict.main", str(model), "--input", str(scenes), "--output",
                str(out), "--dtype", dtype, "--no-progress", "--stream-pixels", "1" if stream else "0"]
-    code, peak = run_measured(command, work / f"predict-{size}.log")
+    log = work / f"predict-{size}-{'stream' if stream else 'whole'}.log"
+    code, peak = run_measured(command, log)
     shutil.rmtree(scenes)
     result: dict[str, Any] = {"size": size, "megapixels": size * size / 1e6, "streamed": stream, "returncode": code,
                               "peak_rss_bytes": peak, "peak_rss_mib": round(peak / MiB, 1)}
     if code != 0:
-        result["error"] = (work / f"predict-{size}.log").read_text()[-2000:]
+        result["error"] = log.read_text()[-2000:]
         return result
     summary = json.loads((out / "summary.json").read_text())
     totals = summary["totals"]

@@ -78,14 +78,14 @@ def kind_for_task(class_path: str) -> TaskKind | None:
 
 def register() -> None:
     """Make our class serve `Terratorch` and our processors answer to their names, in this process."""
-    from vllm_terratorch.engine.compat import float32_on_cpu_by_default, steps_within_the_execute_timeout
+    from vllm_terratorch.engine.compat import terratorch_cpu_defaults, steps_within_the_execute_timeout
     from vllm_terratorch.log import attach_to_vllm_logging
 
     attach_to_vllm_logging()
     if claim_architecture():
         logger.info("vllm-terratorch: architecture %s is served by %s", ARCHITECTURE, MODEL_CLASS)
     claim_io_processors(IO_PROCESSORS)
-    float32_on_cpu_by_default()
+    terratorch_cpu_defaults()
     steps_within_the_execute_timeout()
 
 

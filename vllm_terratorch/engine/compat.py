@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,35 +37,56 @@ def wrap_once(owner: Any, name: str, wrap: Callable[[Callable[..., Any]], Callab
     return True
 
 
-def float32_on_cpu_by_default() -> None:
-    """With no `--dtype`, serve a Terratorch model on CPU in float32, not vLLM's float16.
+RESERVED_CPUS = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 
-    vLLM resolves `dtype="auto"` for a float32 (or undeclared) pooling model to float16 on every
-    platform that lists it. On CPU, TerraTorch networks run several times slower in float16, and
-    one step of the mission's 300M model at 512x512 then outlasts vLLM's execute-model timeout,
-    which kills the engine. We wrap the resolver that `ModelConfig` calls so that, on CPU only,
-    for the `Terratorch` architecture only, "auto" with no `torch_dtype` in config.json (or a
-    float32 one) becomes float32; an explicit `--dtype`, a float16/bfloat16 config and every other
-    model and platform pass through unchanged. (vLLM 0.26 and 0.32: module-level
-    `vllm.config.model._get_and_verify_dtype(model_id, config, dtype, **kwargs)`, looked up at call
-    time by `ModelConfig.__post_init__`, which runs after general plugins are loaded.)
+
+def terratorch_cpu_defaults() -> None:
+    """Two defaults for a Terratorch model on CPU, applied where vLLM resolves the model's config.
+
+    **float32, not vLLM's float16.** vLLM resolves `dtype="auto"` for a float32 (or undeclared)
+    pooling model to float16 on every platform that lists it. On CPU, TerraTorch networks run
+    several times slower in float16, and one step of the mission's 300M model at 512x512 then
+    outlasts vLLM's execute-model timeout, which kills the engine. So "auto" with no `torch_dtype` in
+    config.json (or a float32 one) becomes float32; an explicit `--dtype` and a float16/bfloat16
+    config pass through unchanged.
+
+    **Every core for the forward.** vLLM's CPU executor reserves a core per worker for its
+    scheduler process (`VLLM_CPU_NUM_OF_RESERVED_CPU`, default 1 on x86/Arm) and binds the worker's
+    OpenMP threads to the rest: half of a 2-core machine, measured at 0.52-0.56x a plain PyTorch
+    forward with its default threads. A pooling model's scheduler does almost nothing per step
+    (one step per batch of tiles, no KV cache), so we set the variable to 0 for this process and the
+    engine processes it starts, unless the user set it (their value always wins); vLLM's own
+    thread binding is left as it is (`VLLM_CPU_OMP_THREADS_BIND`).
+
+    Both only on CPU, only for the `Terratorch` architecture; every other model and platform passes
+    through unchanged. (vLLM 0.26 and 0.32: module-level `vllm.config.model._get_and_verify_dtype(
+    model_id, config, dtype, **kwargs)`, looked up at call time by `ModelConfig.__post_init__`, which
+    runs after general plugins are loaded and before the engine processes start; their executor
+    reads the variable when it binds threads.)
     """
     import torch
     from vllm.config import model as model_config
 
     def wrap(current: Callable[..., Any]) -> Callable[..., Any]:
         def resolved(model_id: str, config: Any, dtype: Any, *args: Any, **kwargs: Any) -> Any:
-            if isinstance(dtype, str) and dtype.lower() == "auto" and ARCHITECTURE in (getattr(config, "architectures", None) or []):
-                from vllm.platforms import current_platform
+            from vllm.platforms import current_platform
 
+            if ARCHITECTURE in (getattr(config, "architectures", None) or []) and current_platform.is_cpu():
                 declared = config.__dict__.get("dtype", config.__dict__.get("torch_dtype"))
-                if current_platform.is_cpu() and declared in (None, "float32", torch.float32):
+                if isinstance(dtype, str) and dtype.lower() == "auto" and declared in (None, "float32", torch.float32):
                     logger.info(
                         "vllm-terratorch: serving %s in float32 on CPU (vLLM's default would be float16, several "
                         "times slower here); pass --dtype float16 or bfloat16 to override",
                         model_id,
                     )
                     dtype = "float32"
+                if RESERVED_CPUS not in os.environ:
+                    os.environ[RESERVED_CPUS] = "0"
+                    logger.info(
+                        "vllm-terratorch: the forward of %s gets every CPU core (%s=0: no core reserved for vLLM's "
+                        "scheduler, which is idle between the steps of a pooling model); set %s to override",
+                        model_id, RESERVED_CPUS, RESERVED_CPUS,
+                    )
             return current(model_id, config, dtype, *args, **kwargs)
 
         return resolved
