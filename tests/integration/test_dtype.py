@@ -1,4 +1,5 @@
-"""`dtype=bfloat16` is honoured for weights, dummy inputs and request tensors."""
+"""`dtype=bfloat16` is honoured for weights, dummy inputs and request tensors; a Terratorch model on CPU
+defaults to float32 and to every core for its forward (engine/compat.terratorch_cpu_defaults)."""
 
 from __future__ import annotations
 
