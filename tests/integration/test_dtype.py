@@ -81,7 +81,7 @@ def test_the_forward_gets_every_cpu_core_unless_the_user_says_otherwise(tmp_path
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.ompmultiprocessing import OMPProcessManager
 
-    from vllm_terratorch.engine.compat import RESERVED_CPUS
+    from vllm_terratorch.envs import RESERVED_CPUS
     from vllm_terratorch.testing.samples import write_model_folder
 
     monkeypatch.setenv(RESERVED_CPUS, "restored after the test")
@@ -102,7 +102,7 @@ def test_other_architectures_keep_vllms_reserved_core(monkeypatch):
     from vllm.config import model as model_config
 
     import vllm_terratorch
-    from vllm_terratorch.engine.compat import RESERVED_CPUS
+    from vllm_terratorch.envs import RESERVED_CPUS
 
     monkeypatch.setenv(RESERVED_CPUS, "restored after the test")
     monkeypatch.delenv(RESERVED_CPUS)

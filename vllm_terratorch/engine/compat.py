@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from vllm_terratorch import envs
 from vllm_terratorch.core.config import ARCHITECTURE
 from vllm_terratorch.log import logger
 
@@ -35,9 +35,6 @@ def wrap_once(owner: Any, name: str, wrap: Callable[[Callable[..., Any]], Callab
     setattr(wrapped, GUARD_MARK, True)
     setattr(owner, name, wrapped)
     return True
-
-
-RESERVED_CPUS = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 
 
 def terratorch_cpu_defaults() -> None:
@@ -81,12 +78,11 @@ def terratorch_cpu_defaults() -> None:
                         model_id,
                     )
                     dtype = "float32"
-                if RESERVED_CPUS not in os.environ:
-                    os.environ[RESERVED_CPUS] = "0"
+                if envs.reserve_no_cpu_for_the_scheduler():
                     logger.info(
                         "vllm-terratorch: the forward of %s gets every CPU core (%s=0: no core reserved for vLLM's "
                         "scheduler, which a pooling model keeps mostly idle); set %s to override",
-                        model_id, RESERVED_CPUS, RESERVED_CPUS,
+                        model_id, envs.RESERVED_CPUS, envs.RESERVED_CPUS,
                     )
             return current(model_id, config, dtype, *args, **kwargs)
 

@@ -14,6 +14,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolE
 from pathlib import Path
 from typing import Any
 
+from vllm_terratorch import envs
 from vllm_terratorch.predict.args import PROG
 from vllm_terratorch.core.dtypes import dtype_name
 from vllm_terratorch.predict.engine import SceneEncoder, create_engine, engine_encode, engine_kwargs, shutdown_engine
@@ -40,9 +41,6 @@ MAX_OPEN_STREAMS = 2  # streamed scenes with a writer at once (one finishing, th
 # 5 of 512^2: measured on 2 cores, 4 tiles of 512^2 per call ran 25 % faster than 10, and 20
 # cost 2 GB more. A GPU batches far more per call, in device memory: 1 GiB there.
 CHUNK_BYTES = {"cpu": 32 * 1024**2, "gpu": 1024**3}
-# GDAL's block cache per process (MB) unless the user set one: GDAL's own default is 5 % of RAM per
-# process, which windowed reads of a large scene fill in every worker.
-GDAL_CACHE_MB = "64"
 
 
 def default_chunk_tiles(pipeline: Any, max_num_seqs: int, device: str) -> int:
@@ -212,6 +210,8 @@ class LocalPipeline:
                         harvest_decodes(list(done))
                         continue
                     if not self.encoder.fatal and not idle():
+                        if not todo and streams:
+                            time.sleep(0.01)  # streamed scenes wait for their writer to free a slot
                         continue
                     break
                 chunk: list[tuple[Item | Chunk, dict[str, Any]]] = []
@@ -290,7 +290,7 @@ def run_local(args: argparse.Namespace, todo: list[Item], *, model_dir: Path, pl
                engine_options: dict[str, Any], meta: dict[str, Any], llm: Any = None) -> PipelineStats:
     # Scenes are prepared at float64 and cast to the engine's dtype just before inference (one
     # rounding, as `prepare` at that dtype does), so decoding needs no engine and starts at once.
-    os.environ.setdefault("GDAL_CACHEMAX", GDAL_CACHE_MB)  # before this process reads a block; workers inherit it
+    envs.predict_gdal_cache()
     spec = ProcessorSpec(str(model_dir), plugin, "float64", args.indices, stream_pixels=0 if args.cog else args.stream_pixels or None)
     pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init,
                                initargs=(os.getpid(),))
