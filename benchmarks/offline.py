@@ -286,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flops", action="store_true", help="measure FLOPs per image and report achieved TFLOP/s")
     parser.add_argument(
         "--raw-threads", type=int, default=None,
-        help="torch threads of the raw path (default on CPU: every core, what vLLM's CPU worker gets for a "
-        "Terratorch model unless VLLM_CPU_NUM_OF_RESERVED_CPU is set; equal compute for both)",
+        help="torch threads of the raw path (default on CPU: every core, what a plain PyTorch loop uses; "
+        "vLLM's CPU worker gets one fewer unless VLLM_CPU_NUM_OF_RESERVED_CPU=0)",
     )
     parser.add_argument("--work-dir", type=Path, default=Path("benchmarks/.models"))
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
@@ -306,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build_folder(args.model, image_size, folder)
     inputs = make_inputs(cfg, args.num_images)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # The engine's forward gets every core on CPU (VLLM_CPU_NUM_OF_RESERVED_CPU=0 by default for our
-    # architecture, engine/compat.py): raw runs with the same, the whole machine a user would use.
+    # The whole machine, as a user's plain PyTorch loop would run (vLLM's CPU worker gets every core
+    # but one unless VLLM_CPU_NUM_OF_RESERVED_CPU=0; --raw-threads for equal compute).
     raw_threads = args.raw_threads or (os.cpu_count() or 1 if device == "cpu" else torch.get_num_threads())
     results: dict[str, Any] = {
         "title": f"{args.model} {image_size}px {args.dtype}, batch {args.batch_size}, {args.num_images} images",

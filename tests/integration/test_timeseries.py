@@ -96,7 +96,8 @@ def test_concurrent_series_each_get_their_own_frames_and_dates(server, workdir):
     for k, answer in enumerate(answers):
         expected = reference(workdir, k)
         assert answer.shape == expected.shape == (64, 64)
-        assert np.abs(answer - expected).max() <= 1e-4, k
+        # 1e-4, plus float32 rounding of values up to ~12 (batched vs single forwards sum in another order)
+        assert np.abs(answer - expected).max() <= 1e-4 + 1e-5 * np.abs(expected).max(), k
     assert np.abs(answers[1] - answers[2]).max() > 1e-3  # different series, different answers
 
 
