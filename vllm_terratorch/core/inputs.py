@@ -27,6 +27,12 @@ def tensor_prompt(inputs: Mapping[str, Any]) -> dict[str, Any]:
     return {"prompt_token_ids": list(PROMPT_TOKEN_IDS), "multi_modal_data": {MODALITY: dict(inputs)}}
 
 
+def tile_prompts(tiles: Mapping[str, torch.Tensor], extras: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One prompt per tile: {input: (n, ...)} stacked tiles, plus the inputs every tile shares."""
+    count = len(next(iter(tiles.values())))
+    return [tensor_prompt({name: stacked[index] for name, stacked in tiles.items()} | dict(extras)) for index in range(count)]
+
+
 # Trailing dims of image-like inputs (rank >= 3) are spatial; they may differ from the spec
 # (the networks interpolate position embeddings); every other dim must match exactly.
 SPATIAL_DIMS = 2

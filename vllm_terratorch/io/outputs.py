@@ -7,10 +7,11 @@ change between the check and the write:
    is resolved (symlinks included) and the result must lie inside one of the roots; a component
    below an existing file, a name too long for the file system, an unwritable folder or an existing
    file is a `RequestError` (HTTP 400). Nothing is created.
-2. `OutputPolicy.write` (post-processing) walks from the root's directory descriptor one component
-   at a time with `O_NOFOLLOW`, creating missing folders, writes a temporary file with
-   `O_CREAT | O_EXCL | O_NOFOLLOW` and links it to the final name (`link` never replaces a file).
-   A symlink swapped in after the check makes the write fail; it cannot redirect it.
+2. `OutputPolicy.write` (post-processing; `stage` for an output streamed over time) walks from the
+   root's directory descriptor one component at a time with `O_NOFOLLOW`, creating missing folders,
+   writes a temporary file created with `O_CREAT | O_EXCL | O_NOFOLLOW` and links it to the final
+   name (`link` never replaces a file). A symlink swapped in after the check makes the write fail;
+   it cannot redirect it.
 
 `out_path` forms (upstream's processors pass an existing directory; ours also took a file name):
 - absent: `<output_path>/<request_id>.tiff`;
@@ -147,6 +148,17 @@ class OutputPolicy:
 
     def write(self, target: OutputTarget, data: bytes) -> Path:
         """Write `data` as a new file at `target`, without following any link below the root."""
+        staged = self.stage(target)
+        try:
+            staged.write_bytes(data)
+        except BaseException:
+            staged.discard()
+            raise
+        return staged.publish()
+
+    def stage(self, target: OutputTarget) -> StagedOutput:
+        """A new temporary file in `target`'s folder (created now, without following any link below the
+        root), to be written and then given `target`'s name by `StagedOutput.publish`."""
         folder = os.open(target.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for part in target.folders:
@@ -163,10 +175,51 @@ class OutputPolicy:
                     ) from None
                 os.close(folder)
                 folder = inner
+            return StagedOutput(target, folder)
+        except BaseException:
+            os.close(folder)
+            raise
+
+
+def _unwritable(name: str, error: OSError) -> OSError:
+    if error.errno in (errno.ENAMETOOLONG, errno.EACCES):
+        return OutputPathError(f"output {name!r} cannot be written: {error.strerror}")
+    return error
+
+
+class StagedOutput:
+    """A server output being written: `.partial-<random>.tiff` in the target's folder, held open by
+    descriptor, linked to the target's name by `publish` (`link` never replaces a file).
+
+    `temporary` is a path through that folder's descriptor (`/proc/self/fd/N/...`), for writers that
+    take a path (GDAL, streaming a large output): a link swapped into the output path after the
+    check cannot redirect them. The temporary file itself is created with `O_EXCL | O_NOFOLLOW`.
+    """
+
+    def __init__(self, target: OutputTarget, folder: int) -> None:
+        self.target = target
+        self._name = f".partial-{uuid.uuid4().hex}{SUFFIX}"
+        try:
+            os.close(os.open(self._name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=folder))
+        except OSError as error:
+            raise _unwritable(target.name, error) from None
+        self._folder: int | None = folder
+        through = Path(f"/proc/self/fd/{folder}")
+        self.temporary = through / self._name if through.is_dir() else target.path.with_name(self._name)
+
+    def write_bytes(self, data: bytes) -> None:
+        fd = os.open(self._name, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW, dir_fd=self._folder)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+
+    def publish(self) -> Path:
+        """Give the written file its name (another free one for a generated name that is taken)."""
+        target = self.target
+        try:
             name = target.name
             for _ in range(3):
                 try:
-                    self._write_new(folder, name, data)
+                    os.link(self._name, name, src_dir_fd=self._folder, dst_dir_fd=self._folder, follow_symlinks=False)
                     return target.root.joinpath(*target.folders, name)
                 except FileExistsError:
                     if not target.generated:
@@ -174,24 +227,20 @@ class OutputPolicy:
                             f"output {target.name} already exists; outputs are never overwritten, choose another out_path"
                         ) from None
                     name = f"{target.name.removesuffix(SUFFIX)}-{uuid.uuid4().hex[:8]}{SUFFIX}"
+                except OSError as error:
+                    raise _unwritable(name, error) from None
             raise OutputPathError(f"could not find a free output name for {target.name}")
         finally:
-            os.close(folder)
+            self.discard()
 
-    @staticmethod
-    def _write_new(folder: int, name: str, data: bytes) -> None:
-        temp = f".partial-{uuid.uuid4().hex}{SUFFIX}"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=folder)
+    def discard(self) -> None:
+        """Remove the temporary file and let go of the folder (also after `publish`)."""
+        if self._folder is None:
+            return
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            # link() fails if the name exists (a file or a link): an existing output is never replaced.
-            os.link(temp, name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
-        except OSError as error:
-            if isinstance(error, FileExistsError):
-                raise
-            if error.errno in (errno.ENAMETOOLONG, errno.EACCES):
-                raise OutputPathError(f"output {name!r} cannot be written: {error.strerror}") from None
-            raise
+            os.unlink(self._name, dir_fd=self._folder)
+        except FileNotFoundError:
+            pass
         finally:
-            os.unlink(temp, dir_fd=folder)
+            os.close(self._folder)
+            self._folder = None

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vllm_terratorch.core.config import COORDINATE_INPUTS, PretrainedCfg, load_config
-from vllm_terratorch.core.inputs import tensor_prompt
+from vllm_terratorch.core.inputs import tile_prompts
 from vllm_terratorch.errors import ConfigError, RequestError
 from vllm_terratorch.io.coords import acquisition_date, centre_lat_lon, year_and_day
 from vllm_terratorch.io.geotiff import (
@@ -174,7 +174,7 @@ class GeoTiffPipeline:
         extras = self.coordinates(rasters, request)
         now = time.monotonic()
         pending = Pending(request, plan, raster.georef, nodata_mask, now, now - started, output)
-        prompts = [tensor_prompt({name: tiles[name][index] for name in tiles} | extras) for index in range(len(plan))]
+        prompts = tile_prompts(tiles, extras)
         return prompts, pending
 
     def complete(self, outputs: list[torch.Tensor], pending: Pending) -> bytes | dict[str, Any]:

@@ -4,7 +4,9 @@ All tiles of a request are returned as separate prompts, so vLLM batches them (w
 requests' tiles). What finishing a request needs lives between pre- and post-processing in a
 bounded table keyed by request id, removed when the request finishes, so failed requests cannot
 pile it up. Downloads, decoding, tiling, stitching and encoding run in the processor's own thread
-pool, never on vLLM's event loop.
+pool, never on vLLM's event loop. A `path` request too large to hold is instead streamed a chunk of
+tiles at a time (io/streaming.py, driven by compat.stream_large_requests): `open_stream`,
+`stage_chunk` and `drop_stream` are that driver's side of it.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from vllm.plugins.io_processors.interface import IOProcessor
 from vllm.pooling_params import PoolingParams
 
 from vllm_terratorch.core.config import pretrained_cfg_of
-from vllm_terratorch.engine.compat import preprocess_off_the_event_loop
+from vllm_terratorch.engine.compat import preprocess_off_the_event_loop, stream_large_requests
 from vllm_terratorch.errors import RequestError
 from vllm_terratorch.io.pipeline import GeoTiffPipeline, Pending
 from vllm_terratorch.io.tasks import ClassificationPipeline, RegressionPipeline, SegmentationPipeline
 from vllm_terratorch.io.schema import GeoTiffRequest, PredictionOutput, parse_request
 from vllm_terratorch.io.settings import load_io_settings
+from vllm_terratorch.io.streaming import StreamedRequest
 from vllm_terratorch.log import logger
 
 OFFLINE_KEY = "offline"
@@ -53,8 +56,11 @@ class GeoTiffProcessor(IOProcessor):
         )
         self._pending: OrderedDict[str, Pending] = OrderedDict()
         self._lock = threading.Lock()
+        self._streams: dict[str, StreamedRequest] = {}
+        self._chunks: dict[str, list[dict[str, Any]]] = {}  # a streamed request's next prompts, by chunk id
         self.io_executor = ThreadPoolExecutor(self.pipeline.settings.io_workers, thread_name_prefix="vllm-terratorch-io")
         preprocess_off_the_event_loop()
+        stream_large_requests()
         logger.info("vllm-terratorch: %s", self.pipeline.describe())
 
     def parse_data(self, data: object) -> GeoTiffRequest:
@@ -67,6 +73,10 @@ class GeoTiffProcessor(IOProcessor):
         return params
 
     def pre_process(self, prompt: Any, request_id: str | None = None, **kwargs: Any) -> list[dict[str, Any]]:
+        with self._lock:
+            chunk = self._chunks.pop(request_id, None) if request_id is not None else None
+        if chunk is not None:
+            return chunk
         started = time.monotonic()
         request = parse_request(prompt)
         output = self.pipeline.output_target(request, request_id)
@@ -90,11 +100,38 @@ class GeoTiffProcessor(IOProcessor):
         started = time.monotonic()
         key = request_id or OFFLINE_KEY
         with self._lock:
+            stream = self._streams.pop(key, None)
             pending = self._pending.pop(key, None)
+        if stream is not None:
+            return stream.finish()
         if pending is None:
             raise RequestError(f"no pre-processed request {key!r} (it expired or was already answered)")
         result = self.pipeline.complete([output.outputs.data for output in model_output], pending)
         return self.pipeline.answer(result, pending, request_id, started)
+
+    # Streamed requests (io/streaming.py), driven a chunk at a time by compat.stream_large_requests ----
+
+    def open_stream(self, data: object, request_id: str) -> StreamedRequest | None:
+        """A request to serve window by window (its `post_process` then publishes the output), or None."""
+        stream = StreamedRequest.open(self.pipeline, data, request_id)
+        if stream is not None:
+            with self._lock:
+                self._streams[request_id] = stream
+        return stream
+
+    def stage_chunk(self, chunk_id: str, prompts: list[dict[str, Any]]) -> None:
+        """The prompts `pre_process` returns for `chunk_id` (one chunk of a streamed request)."""
+        with self._lock:
+            self._chunks[chunk_id] = prompts
+
+    def drop_stream(self, request_id: str, chunk_ids: Sequence[str] = ()) -> None:
+        """Forget a streamed request that failed or was cancelled: its partial output is removed."""
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+            for chunk_id in chunk_ids:
+                self._chunks.pop(chunk_id, None)
+        if stream is not None:
+            stream.abort()
 
     def _remember(self, key: str, pending: Pending) -> None:
         with self._lock:

@@ -69,14 +69,29 @@ class SourcePolicy:
         """Upstream's multi-modal layout: a folder with one sub-folder per modality, one file in each."""
         return [self.read_path(str(path)) for path in modality_files(self._local(text), modalities, text)]
 
+    def _unreadable(self, text: str, error: OSError) -> RequestError:
+        if isinstance(error, FileNotFoundError):
+            return RequestError(f"path {text!r} does not exist under {self.allowed_root}")
+        return RequestError(f"path {text!r} cannot be read: {error.strerror}")
+
+    def local_file(self, text: str) -> Path:
+        """A `path` input checked as `read_path` checks it, but not read (nor size-limited): for a scene
+        read window by window."""
+        resolved = self._local(text)
+        try:
+            info = os.stat(resolved)
+        except OSError as error:
+            raise self._unreadable(text, error) from None
+        if not stat.S_ISREG(info.st_mode):
+            raise RequestError(f"path {text!r} is not a regular file")
+        return resolved
+
     def read_path(self, text: str) -> bytes:
         resolved = self._local(text)
         try:
             fd = os.open(resolved, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        except FileNotFoundError:
-            raise RequestError(f"path {text!r} does not exist under {self.allowed_root}") from None
         except OSError as error:
-            raise RequestError(f"path {text!r} cannot be read: {error.strerror}") from None
+            raise self._unreadable(text, error) from None
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             os.close(fd)

@@ -18,7 +18,6 @@ rows) of output; not a function of the scene's height.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from vllm_terratorch.errors import RequestError
-from vllm_terratorch.files import PARTIAL_SUFFIX, file_mode
+from vllm_terratorch.files import PartialFile, StagedFile
 from vllm_terratorch.io.geotiff import Georef, RasterHeader, check_one_grid, nodata_mask
 from vllm_terratorch.io.pipeline import GeoTiffPipeline
 from vllm_terratorch.io.schema import GeoTiffRequest
@@ -75,6 +74,12 @@ def _open(path: Path) -> tuple[Any, RasterFile]:
 
 class WindowedScene:
     """A scene on disk, read by window: its tile plan, coordinates, and any run of its tiles."""
+
+    @staticmethod
+    def supports(pipeline: GeoTiffPipeline, request: GeoTiffRequest) -> bool:
+        """Whether `request`'s scene can be read window by window and written as it goes: a raster output,
+        inputs read by the hand-written path (a datamodule reads whole files; multi-modal models too)."""
+        return pipeline.writes_raster and pipeline.modalities is None and not pipeline.reads_by_datamodule(request)
 
     def __init__(self, pipeline: GeoTiffPipeline, request: GeoTiffRequest, paths: Sequence[Path]) -> None:
         pipeline.check_request(request)
@@ -171,21 +176,20 @@ class GeoTiffRowWriter:
 
     Tiled (256 x 256) and LZW-compressed, BigTIFF when needed, georeferenced like the input; rows
     are buffered to whole block rows so every block is written once. It is written under a
-    temporary name in the target's folder (`.NAME.*.partial`, what `predict` cleans up after a hard
-    stop) and renamed at `close`: a crash or Ctrl-C never leaves a partial file under the final
-    name. `cog`: the finished file is rewritten by GDAL's COG driver (overviews, COG tile order).
+    temporary name (`destination`: `files.PartialFile` for `predict`, `.NAME.*.partial` beside the
+    target, what `predict` cleans up after a hard stop; the server's `StagedOutput`) and published
+    at `close`: a crash or Ctrl-C never leaves a partial file under the final name. `cog`: the
+    finished file is rewritten by GDAL's COG driver (overviews, COG tile order).
     """
 
     BLOCK = 256
 
-    def __init__(self, path: Path, height: int, width: int, georef: Georef, nodata: float | None,
+    def __init__(self, destination: Path | StagedFile, height: int, width: int, georef: Georef, nodata: float | None,
                  *, cog: bool = False, resampling: str = "nearest") -> None:
-        self.path, self.height, self.width, self.georef, self.nodata = path, height, width, georef, nodata
+        self.destination = PartialFile(destination) if isinstance(destination, Path) else destination
+        self.height, self.width, self.georef, self.nodata = height, width, georef, nodata
         self.cog, self.resampling = cog, resampling
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
-        os.close(handle)
-        self.temporary = Path(temporary)
+        self.temporary = self.destination.temporary
         self.target: Any = None
         self.written = 0  # rows on disk
         self.buffer: list[np.ndarray] = []
@@ -237,27 +241,25 @@ class GeoTiffRowWriter:
                 os.replace(cog, self.temporary)
             finally:
                 cog.unlink(missing_ok=True)
-        os.chmod(self.temporary, file_mode())
-        os.replace(self.temporary, self.path)
-        return self.path
+        return self.destination.publish()
 
     def abort(self) -> None:
         if self.target is not None and not self.target.closed:
             self.target.close()
-        self.temporary.unlink(missing_ok=True)
+        self.destination.discard()
 
 
 class SceneWriter:
     """A streamed scene's output: tile outputs in plan order in, its GeoTIFF out, row band by row band."""
 
-    def __init__(self, scene: WindowedScene, path: Path, *, cog: bool = False) -> None:
+    def __init__(self, scene: WindowedScene, destination: Path | StagedFile, *, cog: bool = False) -> None:
         pipeline = scene.pipeline
         if not pipeline.writes_raster:
             raise RequestError(f"the {pipeline.task} IO processor writes no raster; its scenes are not streamed")
         self.scene = scene
         self.stitcher = RowStitcher(scene.plan)
         resampling = "nearest" if pipeline.task == "segmentation" else "average"
-        self.writer = GeoTiffRowWriter(path, scene.plan.height, scene.plan.width, scene.georef, pipeline.output_nodata,
+        self.writer = GeoTiffRowWriter(destination, scene.plan.height, scene.plan.width, scene.georef, pipeline.output_nodata,
                                        cog=cog, resampling=resampling)
 
     @property

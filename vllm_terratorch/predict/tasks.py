@@ -174,11 +174,6 @@ def _wire_tiles(tiles: dict[str, Any]) -> dict[str, tuple[str, Any]]:
     return wired
 
 
-def _streams(pipeline: Any, request: Any) -> bool:
-    """Whether the scene can be read window by window (a raster output, read by the hand-written path)."""
-    return pipeline.writes_raster and pipeline.modalities is None and not pipeline.reads_by_datamodule(request)
-
-
 def _pixels(path: Path) -> int:
     """A GeoTIFF's pixel count from its header (0 if unreadable: `prepare` then says why)."""
     import rasterio
@@ -199,9 +194,9 @@ def decode_scene(spec: ProcessorSpec, index: int, path: str) -> dict[str, Any]:
     try:
         pipeline = get_pipeline(spec)
         request, files = scene_request(pipeline, path, list(spec.indices) if spec.indices is not None else None)
-        if spec.stream_pixels is not None and _streams(pipeline, request) and _pixels(files[0]) > spec.stream_pixels:
-            from vllm_terratorch.io.windows import WindowedScene
+        from vllm_terratorch.io.windows import WindowedScene
 
+        if spec.stream_pixels is not None and WindowedScene.supports(pipeline, request) and _pixels(files[0]) > spec.stream_pixels:
             with WindowedScene(pipeline, request, files) as scene:  # checks every header, as prepare does
                 return {"index": index, "ok": True, "stream": True, "count": len(scene.plan), "started": started}
         prompts, pending = pipeline.prepare([file.read_bytes() for file in files], request)  # `pending` travels too
