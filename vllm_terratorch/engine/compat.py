@@ -103,7 +103,7 @@ def stream_large_requests() -> None:
     """
     serving = sys.modules.get("vllm.entrypoints.pooling.base.serving")
     PoolingBaseServing = getattr(serving, "PoolingBaseServing", None)  # noqa: N806 - a class
-    stages = ("_init_ctx", "_prepare_generators", "_collect_batch", "_postprocessing_async")
+    stages = ("_init_ctx", "_prepare_generators", "_collect_batch", "_postprocessing")  # (the *_async are per instance)
     if PoolingBaseServing is None or not all(hasattr(PoolingBaseServing, stage) for stage in stages):
         return
 
