@@ -14,7 +14,7 @@ CFG = sample_pretrained_cfg("segmentation")
 
 
 # max_num_seqs < request count: several engine steps, each a batch of distinct requests.
-llm = module_engine(CFG, "ckpt", max_num_seqs=4)
+llm = module_engine(CFG, "ckpt", max_num_seqs=4, in_process=False)  # vLLM's default processes, as the README runs it
 
 
 def test_batched_requests_match_plain_forward(llm):
