@@ -112,7 +112,7 @@ def stream_large_requests() -> None:
             io_processor = self.get_io_processor(request)
             plugin = getattr(io_processor, "io_processor", None)
             data = getattr(request, "data", None)
-            if data is None or not hasattr(plugin, "open_stream"):
+            if not hasattr(plugin, "may_stream") or not plugin.may_stream(data):  # no I/O: path in, path out
                 return await current(self, request, raw_request)
             loop = asyncio.get_running_loop()
             ctx = await self._init_ctx(io_processor, request, raw_request)

@@ -5,8 +5,8 @@ requests' tiles). What finishing a request needs lives between pre- and post-pro
 bounded table keyed by request id, removed when the request finishes, so failed requests cannot
 pile it up. Downloads, decoding, tiling, stitching and encoding run in the processor's own thread
 pool, never on vLLM's event loop. A `path` request too large to hold is instead streamed a chunk of
-tiles at a time (io/streaming.py, driven by compat.stream_large_requests): `open_stream`,
-`stage_chunk` and `drop_stream` are that driver's side of it.
+tiles at a time (io/streaming.py, driven by compat.stream_large_requests): `may_stream`,
+`open_stream`, `stage_chunk` and `drop_stream` are that driver's side of it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from vllm_terratorch.io.pipeline import GeoTiffPipeline, Pending
 from vllm_terratorch.io.tasks import ClassificationPipeline, RegressionPipeline, SegmentationPipeline
 from vllm_terratorch.io.schema import GeoTiffRequest, PredictionOutput, parse_request
 from vllm_terratorch.io.settings import load_io_settings
-from vllm_terratorch.io.streaming import StreamedRequest
+from vllm_terratorch.io.streaming import StreamedRequest, may_stream
 from vllm_terratorch.log import logger
 
 OFFLINE_KEY = "offline"
@@ -110,6 +110,8 @@ class GeoTiffProcessor(IOProcessor):
         return self.pipeline.answer(result, pending, request_id, started)
 
     # Streamed requests (io/streaming.py), driven a chunk at a time by compat.stream_large_requests ----
+
+    may_stream = staticmethod(may_stream)
 
     def open_stream(self, data: object, request_id: str) -> StreamedRequest | None:
         """A request to serve window by window (its `post_process` then publishes the output), or None."""

@@ -33,6 +33,13 @@ from vllm_terratorch.io.windows import SceneWriter, WindowedScene
 LOOKAHEAD = 2
 
 
+def may_stream(data: object) -> bool:
+    """Whether a request's raw `data` asks for what can be streamed, a `path` input to a `path` output:
+    decided before any parsing or file access, so every other request pays nothing for streaming
+    (both fields are plain literals, so this is the parsed request's answer too)."""
+    return isinstance(data, dict) and data.get("data_format") == "path" and data.get("out_data_format") == "path"
+
+
 def _held_whole_refused(pipeline: GeoTiffPipeline, path: Path) -> bool:
     """Whether reading `path` whole would break one of the server's size limits."""
     import rasterio
@@ -60,10 +67,10 @@ class StreamedRequest:
         """The stream for a request that is to be streamed, else None (the request takes the in-memory
         path, which also reports whatever is wrong with it). Errors of a streamed request (its output
         path, its files' bands or grids) are raised here, before any model time."""
+        if not may_stream(data):
+            return None
         try:
             request = parse_request(data)
-            if request.data_format != "path" or request.out_data_format != "path":
-                return None
             if not WindowedScene.supports(pipeline, request):
                 return None
             paths = [pipeline.policy.local_file(item) for item in request.items]

@@ -76,14 +76,19 @@ class WindowedScene:
     """A scene on disk, read by window: its tile plan, coordinates, and any run of its tiles."""
 
     @staticmethod
-    def supports(pipeline: GeoTiffPipeline, request: GeoTiffRequest) -> bool:
-        """Whether `request`'s scene can be read window by window and written as it goes: a raster output,
-        inputs read by the hand-written path (a datamodule reads whole files; multi-modal models too)."""
-        return pipeline.writes_raster and pipeline.modalities is None and not pipeline.reads_by_datamodule(request)
+    def readable(pipeline: GeoTiffPipeline, request: GeoTiffRequest) -> bool:
+        """Whether `request`'s inputs can be read by window: by the hand-written path (a datamodule reads
+        whole files; so do multi-modal models, through theirs)."""
+        return pipeline.modalities is None and not pipeline.reads_by_datamodule(request)
+
+    @classmethod
+    def supports(cls, pipeline: GeoTiffPipeline, request: GeoTiffRequest) -> bool:
+        """Whether `request`'s scene can be streamed: read by window, and a raster output written as it goes."""
+        return pipeline.writes_raster and cls.readable(pipeline, request)
 
     def __init__(self, pipeline: GeoTiffPipeline, request: GeoTiffRequest, paths: Sequence[Path]) -> None:
         pipeline.check_request(request)
-        if pipeline.reads_by_datamodule(request) or pipeline.modalities is not None:
+        if not self.readable(pipeline, request):
             raise RequestError(
                 "this model's inputs are read by its datamodule, which reads whole files: the scene cannot be "
                 "read window by window (it is read whole, within the size limits)"
