@@ -146,11 +146,103 @@ def test_a_stacked_time_series_file_is_read_by_the_datamodule_and_equals_the_fra
         image_of(pipe, [stacked])
 
 
+def benchmark_reference(class_path: str, init_args: dict, root: Path) -> torch.Tensor:
+    """TerraTorch's benchmark datamodule on a folder laid out as its dataset is published, split
+    "val"/"test" as its predict stage reads it: one batch, `datamodule.aug`."""
+    from terratorch.datamodules import __dict__ as datamodules
+
+    datamodule = datamodules[class_path.rsplit(".", 1)[-1]](**(init_args | {"data_root": str(root), "batch_size": 1}))
+    datamodule.setup("predict")
+    batch = next(iter(datamodule.predict_dataloader()))
+    return datamodule.aug(batch)["image"][0]
+
+
+def _label_beside(image: Path, label: Path) -> None:
+    """A label file as the benchmark ships it (classes 1..2; the dataset opens it with the image)."""
+    with rasterio.open(image) as source:
+        profile = source.profile | {"count": 1, "dtype": "uint8", "nodata": None}
+    label.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(label, "w", **profile) as target:
+        target.write(np.random.default_rng(0).integers(1, 3, (1, profile["height"], profile["width"]), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("bands", [None, ["BLUE", "GREEN", "NIR_NARROW", "SWIR_2"]], ids=["all-bands", "four-bands"])
+def test_a_fire_scars_fine_tune_is_read_by_its_benchmark_datamodule(tmp_path, bands):
+    """FireScarsNonGeoDataModule (outside the hand-written four, no predict folder): the request's
+    file is placed where its dataset's validation split is read; its statistics come from TerraTorch."""
+    cfg = sample_pretrained_cfg("segmentation")
+    class_path = "terratorch.datamodules.FireScarsNonGeoDataModule"
+    init_args = {"data_root": "/data/hls_burn_scars"} | ({"bands": bands} if bands else {})
+    cfg["data"] = {"class_path": class_path, "init_args": init_args}
+    cfg["input"]["data"]["pixel_values"]["shape"][0] = len(bands or BANDS)
+    assert takes_predict_folder(cfg["data"]) and not fast_path_covers(cfg["data"])
+    published = tmp_path / "hls_burn_scars" / "validation"
+    published.mkdir(parents=True)
+    scene = with_nodata(write_sample_geotiff(published / "subsetted_512x512HLS.S30.T10SEH.2018190.v1.4_merged.tif", 64, 64, seed=8))
+    _label_beside(scene, published / "subsetted_512x512HLS.S30.T10SEH.2018190.v1.4.mask.tif")
+    reference = benchmark_reference(class_path, init_args, tmp_path / "hls_burn_scars")
+    pipe = pipeline(cfg, media=tmp_path)
+    assert pipe.datamodule is not None and "FireScarsNonGeoDataModule" in pipe.describe()
+    served = image_of(pipe, [scene])["pixel_values"]
+    assert served.shape == (len(bands or BANDS), 64, 64)
+    assert torch.equal(served, reference)
+
+
+def test_a_multi_temporal_crop_fine_tune_is_read_by_its_benchmark_datamodule(tmp_path):
+    """MultiTemporalCropClassificationDataModule: one file of 3 x 6 bands (its layout), expanded to
+    (C, T, H, W) by the datamodule; dates from the request."""
+    cfg = sample_pretrained_cfg("segmentation", frames=3)
+    class_path = "terratorch.datamodules.MultiTemporalCropClassificationDataModule"
+    init_args = {"data_root": "/data/multi-temporal-crop-classification", "expand_temporal_dimension": True}
+    cfg["data"] = {"class_path": class_path, "init_args": init_args}
+    assert takes_predict_folder(cfg["data"]) and not fast_path_covers(cfg["data"])
+    root = tmp_path / "multi-temporal-crop-classification"
+    chips = root / "validation_chips"
+    chips.mkdir(parents=True)
+    scene = write_sample_geotiff(chips / "chip_088_296_merged.tif", 64, 64, bands=18, seed=9)
+    _label_beside(scene, chips / "chip_088_296.mask.tif")
+    (root / "validation_data.txt").write_text("chip_000_000\nchip_088_296\n")
+    reference = benchmark_reference(class_path, init_args, root)
+    pipe = pipeline(cfg, media=tmp_path)
+    image = image_of(pipe, [scene], dates=["2022-03-01", "2022-06-01", "2022-09-01"])
+    assert image["pixel_values"].shape == (6, 3, 64, 64)
+    assert torch.equal(image["pixel_values"], reference)
+    assert image["temporal_coords"].tolist() == [[[2022, 59], [2022, 151], [2022, 243]]]
+
+
+def test_the_sen1floods11_fast_path_equals_its_benchmark_datamodule(tmp_path):
+    """The hand-written Sen1Floods11 pipeline (13-band file, constant_scale, nodata) against
+    TerraTorch's Sen1Floods11NonGeoDataModule on the published layout; a config with a transform
+    the fast path cannot reproduce is run by that datamodule and gives the same bits."""
+    cfg = sample_pretrained_cfg("segmentation")
+    class_path = "terratorch.datamodules.Sen1Floods11NonGeoDataModule"
+    init_args = {"data_root": "/data/sen1floods11", "bands": BANDS, "constant_scale": 0.0001}
+    cfg["data"] = {"class_path": class_path, "init_args": init_args}
+    assert fast_path_covers(cfg["data"])
+    root = tmp_path / "sen1floods11"
+    images = root / "v1.1/data/flood_events/HandLabeled/S2Hand"
+    images.mkdir(parents=True)
+    scene = with_nodata(write_sample_geotiff(images / "Bolivia_103757_S2Hand.tif", 64, 64, bands=13, seed=11))
+    _label_beside(scene, root / "v1.1/data/flood_events/HandLabeled/LabelHand/Bolivia_103757_LabelHand.tif")
+    (root / "v1.1/splits/flood_handlabeled").mkdir(parents=True)
+    (root / "v1.1/splits/flood_handlabeled/flood_test_data.txt").write_text("Bolivia_103757\n")
+    reference = benchmark_reference(class_path, init_args, root)
+    fast = image_of(pipeline(cfg, media=tmp_path), [scene])["pixel_values"]
+    assert torch.equal(fast, reference)
+    cfg["data"]["init_args"]["predict_transform"] = [
+        {"class_path": "albumentations.HorizontalFlip", "init_args": {"p": 0.0}},
+        {"class_path": "albumentations.pytorch.ToTensorV2"},
+    ]
+    general = pipeline(cfg, media=tmp_path)
+    assert not general.fast and general.datamodule is not None
+    assert torch.equal(image_of(general, [scene])["pixel_values"], reference)
+
+
 def test_datamodules_that_cannot_read_a_folder_are_refused_at_start_up():
     cfg = sample_pretrained_cfg("segmentation")
-    cfg["data"] = {"class_path": "terratorch.datamodules.FireScarsNonGeoDataModule", "init_args": {"data_root": "x"}}
+    cfg["data"] = {"class_path": "terratorch.datamodules.Landslide4SenseNonGeoDataModule", "init_args": {"data_root": "x"}}
     assert not takes_predict_folder(cfg["data"])
-    with pytest.raises(ConfigError, match="FireScarsNonGeoDataModule"):
+    with pytest.raises(ConfigError, match="Landslide4SenseNonGeoDataModule"):
         pipeline(cfg)
     tm = sample_terramind_cfg()
     tm["data"]["init_args"]["modalities"] = ["S2L2A"]
