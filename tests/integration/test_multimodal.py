@@ -17,7 +17,7 @@ import pytest
 import rasterio
 import torch
 
-from reference import terratorch_predict_inputs
+from reference import assert_same_classes, terratorch_predict_inputs
 
 from vllm_terratorch.testing.launcher import Server
 from vllm_terratorch.testing.samples import build_sample_task, sample_terramind_cfg, write_model_folder, write_sample_geotiff
@@ -75,14 +75,6 @@ def mask(response) -> tuple[np.ndarray, dict]:
     assert response.status_code == 200, response.text
     with rasterio.open(io.BytesIO(base64.b64decode(response.json()["data"]["data"]))) as source:
         return source.read(1), {"crs": source.crs, "transform": source.transform}
-
-
-def assert_same_classes(answer: np.ndarray, logits: np.ndarray) -> None:
-    """Class ids equal the reference's argmax wherever the reference is not a near-tie."""
-    top2 = np.sort(logits, axis=0)[-2:]
-    decided = (top2[1] - top2[0]) > 1e-4
-    assert decided.mean() > 0.9
-    assert np.array_equal(answer[decided], logits.argmax(axis=0)[decided])
 
 
 def test_concurrent_scenes_in_every_request_form_equal_terratorchs_own_pipeline(server, workdir):

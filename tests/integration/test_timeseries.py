@@ -1,7 +1,8 @@
-"""A multi-temporal model served from files: `data` is a list of GeoTIFFs in time order (one per
-frame), through `vllm serve` and our regression processor, offline `LLM.encode` and `predict`. Every
-answer equals a plain PyTorch forward of that request's own frames and dates; bad series are 400s
-and the server keeps serving."""
+"""A multi-temporal Prithvi (`prithvi_eo_v2_tiny_tl`, 3 frames, time + location encodings) served
+from files: `data` is a list of GeoTIFFs in time order (one per frame), through `vllm serve` and our
+segmentation processor, `predict`, and (a pixel-wise regression fine-tune of the same backbone)
+offline `LLM.encode`. Every answer equals a plain PyTorch forward of that request's own frames and
+dates; bad series are 400s and the server keeps serving."""
 
 from __future__ import annotations
 
@@ -18,16 +19,17 @@ import pytest
 import rasterio
 import torch
 
-from reference import normalised_scene
+from reference import assert_same_classes, normalised_scene
 
 from vllm_terratorch.testing.launcher import Server
 from vllm_terratorch.testing.samples import MEANS, STDS, build_sample_task, sample_pretrained_cfg, write_model_folder, write_sample_geotiff
 
 pytestmark = pytest.mark.integration
 FRAMES = 3
-CFG = sample_pretrained_cfg("regression", frames=FRAMES)
+CFG = sample_pretrained_cfg("segmentation", frames=FRAMES)
+REGRESSION_CFG = sample_pretrained_cfg("regression", frames=FRAMES)
 REQUESTS = 10
-ARGS = ["--io-processor-plugin", "terratorch_regression", "--model-impl", "terratorch", "--skip-tokenizer-init", "--enforce-eager"]
+ARGS = ["--io-processor-plugin", "terratorch_segmentation", "--model-impl", "terratorch", "--skip-tokenizer-init", "--enforce-eager"]
 
 
 def series_dates(k: int) -> list[date]:
@@ -41,6 +43,7 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("timeseries")
     (root / "media").mkdir()
     write_model_folder(root / "model", CFG)
+    write_model_folder(root / "regression", REGRESSION_CFG)
     for k in range(REQUESTS):
         for t, day in enumerate(series_dates(k)):
             write_sample_geotiff(root / "media" / f"r{k}_t{t}.tif", 64, 64, seed=100 * k + t, date=day.isoformat())
@@ -64,21 +67,26 @@ def frames_of(workdir, k: int) -> list[str]:
     return [str(workdir / "media" / f"r{k}_t{t}.tif") for t in range(FRAMES)]
 
 
-def reference(workdir, k: int) -> np.ndarray:
+def reference(workdir, k: int, cfg: dict = CFG) -> np.ndarray:
     """Plain PyTorch: each frame normalised as the datamodule does, stacked on the time axis; the
-    first frame's centre as location_coords; (year, day of year - 1) per frame."""
+    first frame's centre as location_coords; (year, day of year - 1) per frame. The segmentation
+    model's logits (K, H, W), or the regression model's values (H, W)."""
     scenes = [normalised_scene(path, MEANS, STDS) for path in frames_of(workdir, k)]
     image = torch.stack([pixels[0] for pixels, _ in scenes], dim=1)[None]  # (1, C, T, H, W)
     temporal = torch.tensor([[[d.year, d.timetuple().tm_yday - 1] for d in series_dates(k)]], dtype=torch.float32)
-    network = build_sample_task(CFG).model
+    network = build_sample_task(cfg).model
     with torch.no_grad():
-        return network(x=image, location_coords=scenes[0][1], temporal_coords=temporal).output[0].numpy()
+        return network(image, location_coords=scenes[0][1], temporal_coords=temporal).output[0].numpy()
+
+
+def read_band(encoded: str) -> np.ndarray:
+    with rasterio.open(io.BytesIO(base64.b64decode(encoded))) as source:
+        return source.read(1)
 
 
 def values(response) -> np.ndarray:
     assert response.status_code == 200, response.text
-    with rasterio.open(io.BytesIO(base64.b64decode(response.json()["data"]["data"]))) as source:
-        return source.read(1)
+    return read_band(response.json()["data"]["data"])
 
 
 def test_concurrent_series_each_get_their_own_frames_and_dates(server, workdir):
@@ -94,11 +102,10 @@ def test_concurrent_series_each_get_their_own_frames_and_dates(server, workdir):
         responses = list(pool.map(ask, range(REQUESTS)))
     answers = [values(response) for response in responses]
     for k, answer in enumerate(answers):
-        expected = reference(workdir, k)
-        assert answer.shape == expected.shape == (64, 64)
-        # 1e-4, plus float32 rounding of values up to ~12 (batched vs single forwards sum in another order)
-        assert np.abs(answer - expected).max() <= 1e-4 + 1e-5 * np.abs(expected).max(), k
-    assert np.abs(answers[1] - answers[2]).max() > 1e-3  # different series, different answers
+        logits = reference(workdir, k)
+        assert answer.shape == logits.shape[1:] == (64, 64)
+        assert_same_classes(answer, logits)
+    assert any(not np.array_equal(answers[1], other) for other in answers[2:])  # different series, different answers
 
 
 @pytest.mark.parametrize(
@@ -120,23 +127,32 @@ def test_bad_series_are_rejected_and_the_server_keeps_serving(server, workdir, d
     assert response.status_code == 400, response.text
     assert message in json.dumps(response.json())
     good = server.pooling({"data": frames_of(workdir, 3), "data_format": "path", "out_data_format": "b64_json"})
-    assert np.abs(values(good) - reference(workdir, 3)).max() <= 1e-4
+    assert_same_classes(values(good), reference(workdir, 3))
 
 
-def test_offline_encode_and_predict_give_the_servers_answers(server, workdir, tmp_path):
-    """The same series through offline `LLM.encode` (frames inline, dates in their tags) and through
-    `vllm-terratorch predict` on folders of frames (the layout detected from the model)."""
+def test_offline_encode_of_a_regression_series_equals_a_plain_forward(workdir):
+    """A pixel-wise regression fine-tune of the same backbone through offline `LLM.encode` and our
+    regression processor (frames inline, dates in their tags; one also given in `dates`)."""
     from helpers import engine
 
-    inline = [base64.b64encode(open(path, "rb").read()).decode() for path in frames_of(workdir, 4)]
-    with engine(workdir / "model", io_processor_plugin="terratorch_regression") as llm:
-        data = {"data": inline, "data_format": "b64_json", "out_data_format": "b64_json"}
-        output = llm.encode({"data": data}, pooling_task="plugin", use_tqdm=False)[0].outputs
-    with rasterio.open(io.BytesIO(base64.b64decode(output.data))) as source:
-        offline = source.read(1)
+    inline = {k: [base64.b64encode(open(path, "rb").read()).decode() for path in frames_of(workdir, k)] for k in (4, 5)}
+    prompts = [{"data": {"data": inline[4], "data_format": "b64_json", "out_data_format": "b64_json"}},
+               {"data": {"data": inline[5], "data_format": "b64_json", "out_data_format": "b64_json",
+                         "dates": [d.isoformat() for d in series_dates(5)]}}]
+    with engine(workdir / "regression", io_processor_plugin="terratorch_regression") as llm:
+        outputs = [llm.encode(prompt, pooling_task="plugin", use_tqdm=False)[0].outputs for prompt in prompts]
+    for k, output in zip((4, 5), outputs):
+        answer, expected = read_band(output.data), reference(workdir, k, REGRESSION_CFG)
+        assert answer.shape == expected.shape == (64, 64)
+        # 1e-4, plus float32 rounding of values up to ~12 (batched vs single forwards sum in another order)
+        assert np.abs(answer - expected).max() <= 1e-4 + 1e-5 * np.abs(expected).max(), k
+
+
+def test_predict_reads_folders_of_frames_and_equals_the_server(server, workdir, tmp_path):
+    """`vllm-terratorch predict` on folders of frames (the layout detected from the model): one mask
+    per series, as the plain forward and the server give it."""
     served = {k: values(server.pooling({"data": frames_of(workdir, k), "data_format": "path", "out_data_format": "b64_json"}))
-              for k in (4, 5, 6)}
-    assert np.abs(offline - served[4]).max() <= 1e-4
+              for k in (5, 6)}
 
     scenes = tmp_path / "scenes"
     for k in (5, 6):  # one folder per series; name order is time order
@@ -150,4 +166,6 @@ def test_offline_encode_and_predict_give_the_servers_answers(server, workdir, tm
     assert result.returncode == 0, result.stderr[-3000:]
     for k in (5, 6):
         with rasterio.open(out / f"series{k}_pred.tif") as predicted:
-            assert np.abs(predicted.read(1) - served[k]).max() <= 1e-4, k  # batched with the other series
+            mask = predicted.read(1)  # batched with the other series
+        assert_same_classes(mask, reference(workdir, k))
+        assert (mask == served[k]).mean() >= 0.999, k
