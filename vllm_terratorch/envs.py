@@ -84,6 +84,18 @@ def engine_environment(environment: MutableMapping[str, str] = os.environ) -> Mu
     return environment
 
 
+RESERVED_CPUS = "VLLM_CPU_NUM_OF_RESERVED_CPU"  # vLLM's: cores its CPU executor keeps for the scheduler
+
+
+def reserve_no_cpu_for_the_scheduler() -> bool:
+    """VLLM_CPU_NUM_OF_RESERVED_CPU (vLLM's own variable): set to 0 for a Terratorch model on CPU
+    (engine/compat.py says why) unless the user set it; True if we set it."""
+    if RESERVED_CPUS in os.environ:
+        return False
+    os.environ[RESERVED_CPUS] = "0"
+    return True
+
+
 GDAL_CACHE = "GDAL_CACHEMAX"
 # `predict`'s GDAL block cache per process (MB) unless the user set GDAL_CACHEMAX: GDAL's own default
 # is 5 % of RAM per process, which windowed reads of a large scene fill in every worker.

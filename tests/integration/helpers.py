@@ -10,9 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from vllm_terratorch.core.forward import ForwardPlan, task_output
+from vllm_terratorch.envs import RESERVED_CPUS
 from vllm_terratorch.testing.samples import build_sample_task
 
 IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"
@@ -37,16 +39,19 @@ def engine(model: Path | str, *, in_process: bool = True, **kwargs: Any) -> Iter
         "gpu_memory_utilization": 0.2,
         "dtype": "float32",
     } | ({"distributed_executor_backend": "uni"} if in_process else {}) | kwargs
-    saved = os.environ.get(IN_PROCESS)
+    # Both read while the engine is built, restored for the servers later tests start: ours, and the
+    # CPU reservation our backend sets to 0 for the engine it configures (engine/compat.py).
+    saved = {name: os.environ.get(name) for name in (IN_PROCESS, RESERVED_CPUS)}
     if in_process:
-        os.environ[IN_PROCESS] = "0"  # read while the engine is built; restored for the servers tests start
+        os.environ[IN_PROCESS] = "0"
     try:
         llm = LLM(model=str(model), **options)
     finally:
-        if saved is None:
-            os.environ.pop(IN_PROCESS, None)
-        else:
-            os.environ[IN_PROCESS] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         # An engine core in this process freezes vLLM's environment reads (`enable_envs_cache`); later
         # engines of this test process must see the environment as it is then.
         import vllm.envs
@@ -116,6 +121,15 @@ def distinct_requests(spec: dict[str, Any], count: int, seed: int = 0, size: int
             request[name] = value
         requests.append(request)
     return requests
+
+
+def assert_masks_agree(got: np.ndarray, expected: np.ndarray, what: object = "", min_agreement: float = 0.999) -> None:
+    """Class masks from two runs that batched the same tiles differently agree on all but near-tie
+    pixels: with more than one forward thread (every core, the CPU default) float32 sums are not
+    bitwise batch-invariant, so a logit tie may break the other way."""
+    assert got.shape == expected.shape, (what, got.shape, expected.shape)
+    agreement = float((got == expected).mean())
+    assert agreement >= min_agreement, (what, agreement)
 
 
 def max_abs_diff(outputs: Sequence[torch.Tensor], references: Sequence[torch.Tensor]) -> float:

@@ -1,7 +1,9 @@
 """`dtype=bfloat16` is honoured for weights, dummy inputs and request tensors; a Terratorch model on CPU
-defaults to float32 (engine/compat.terratorch_cpu_defaults)."""
+defaults to float32 and to every core for its forward (engine/compat.terratorch_cpu_defaults)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -70,3 +72,41 @@ def test_other_architectures_keep_vllms_choice(tmp_path):
     assert model_config._get_and_verify_dtype("x", other, "auto", is_pooling_model=True) != torch.float32
     ours = PretrainedConfig(architectures=["Terratorch"], model_type="")
     assert model_config._get_and_verify_dtype("x", ours, "auto", is_pooling_model=True) == torch.float32
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, 0), ("1", 1), ("0", 0)])
+def test_the_forward_gets_every_cpu_core_unless_the_user_says_otherwise(tmp_path, monkeypatch, preset, expected):
+    """vLLM's CPU executor reserves a core for its scheduler unless VLLM_CPU_NUM_OF_RESERVED_CPU says
+    otherwise: for a Terratorch model it is 0 by default, and a value the user set wins."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    from vllm_terratorch.envs import RESERVED_CPUS
+    from vllm_terratorch.testing.samples import write_model_folder
+
+    monkeypatch.setenv(RESERVED_CPUS, "restored after the test")
+    monkeypatch.delenv(RESERVED_CPUS)
+    if preset is not None:
+        monkeypatch.setenv(RESERVED_CPUS, preset)
+    folder = write_model_folder(tmp_path / "model", CFG)
+    config = EngineArgs(model=str(folder), model_impl="terratorch", skip_tokenizer_init=True).create_engine_config()
+    manager = OMPProcessManager(config)
+    assert manager.reserve_cpu_num == expected
+    assert sum(len(cpus) for cpus in manager.cpu_lists) + len(manager.reserved_cpu_list) >= 1
+    if expected == 0:
+        assert manager.reserved_cpu_list == []
+
+
+def test_other_architectures_keep_vllms_reserved_core(monkeypatch):
+    from transformers import PretrainedConfig
+    from vllm.config import model as model_config
+
+    import vllm_terratorch
+    from vllm_terratorch.envs import RESERVED_CPUS
+
+    monkeypatch.setenv(RESERVED_CPUS, "restored after the test")
+    monkeypatch.delenv(RESERVED_CPUS)
+    vllm_terratorch.register()
+    model_config._get_and_verify_dtype("x", PretrainedConfig(architectures=["BertModel"], model_type="bert"), "auto",
+                                       is_pooling_model=True)
+    assert RESERVED_CPUS not in os.environ

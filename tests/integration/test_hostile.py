@@ -20,6 +20,7 @@ import pytest
 import rasterio
 import requests
 
+from vllm_terratorch.envs import RESERVED_CPUS
 from vllm_terratorch.testing.launcher import DOCUMENTED, Server
 from vllm_terratorch.testing.samples import sample_pretrained_cfg, write_model_folder, write_sample_geotiff
 
@@ -128,7 +129,11 @@ def server(site):
         "max_raster_bytes": MAX_RASTER_BYTES,
     }
     args = [*DOCUMENTED, "--allowed-local-media-path", str(site / "media"), "--allowed-media-domains", "127.0.0.1"]
-    server = Server(site / "model", args, site / "server.log", {"VLLM_TERRATORCH_IO_CONFIG": json.dumps(settings)})
+    # One forward thread (the user's explicit setting wins over our every-core default): the isolation
+    # checks below compare masks of differently batched requests bit for bit, which only a one-thread
+    # forward guarantees; the default itself is served by test_serving, test_whole_scenes and the rest.
+    env = {"VLLM_TERRATORCH_IO_CONFIG": json.dumps(settings), RESERVED_CPUS: "1"}
+    server = Server(site / "model", args, site / "server.log", env)
     try:
         server.wait_ready()
         yield server

@@ -11,6 +11,7 @@ import json
 import threading
 
 import numpy as np
+from helpers import assert_masks_agree
 import pytest
 import rasterio
 import requests
@@ -117,7 +118,15 @@ def test_requests_in_parallel_get_their_own_results(server, workdir):
         responses = list(pool.map(lambda p: server.pooling({"data": str(p), "data_format": "path", "out_data_format": "b64_json"}), order))
     for path, response in zip(order, responses):
         assert response.status_code == 200, response.text
-        assert np.array_equal(read_output(response.json()["data"]["data"])[0], single[path])
+        assert_masks_agree(read_output(response.json()["data"]["data"])[0], single[path], path)
+
+
+def test_the_forward_gets_every_cpu_core_by_default(server):
+    """The documented line on CPU: no core kept for vLLM's scheduler (logged), the forward's OpenMP
+    threads on every core; test_hostile's server sets the variable itself and keeps its value."""
+    log = server.log()
+    assert "gets every CPU core" in log
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU=0" in log
 
 
 @pytest.mark.parametrize(

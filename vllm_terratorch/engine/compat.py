@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from vllm_terratorch import envs
 from vllm_terratorch.core.config import ARCHITECTURE
 from vllm_terratorch.log import logger
 
@@ -39,7 +40,7 @@ def wrap_once(owner: Any, name: str, wrap: Callable[[Callable[..., Any]], Callab
 
 
 def terratorch_cpu_defaults() -> None:
-    """Defaults for a Terratorch model on CPU, applied where vLLM resolves the model's config.
+    """Two defaults for a Terratorch model on CPU, applied where vLLM resolves the model's config.
 
     **float32, not vLLM's float16.** vLLM resolves `dtype="auto"` for a float32 (or undeclared)
     pooling model to float16 on every platform that lists it. On CPU, TerraTorch networks run
@@ -48,15 +49,20 @@ def terratorch_cpu_defaults() -> None:
     config.json (or a float32 one) becomes float32; an explicit `--dtype` and a float16/bfloat16
     config pass through unchanged.
 
-    (Not done here, measured for issue #20: vLLM's CPU executor keeps a core for its scheduler, and
-    with `VLLM_CPU_NUM_OF_RESERVED_CPU=0` the forward reaches 0.96x a plain forward at every core
-    instead of 0.52x; but a 2-thread forward is not bitwise batch-invariant, which tests here rely
-    on, so that default waits for them.)
+    **Every core for the forward.** vLLM's CPU executor reserves a core per worker for its
+    scheduler process (`VLLM_CPU_NUM_OF_RESERVED_CPU`, default 1 on x86/Arm) and binds the worker's
+    OpenMP threads to the rest: half of a 2-core machine, measured at 0.52x a plain PyTorch forward
+    at the machine's threads. A pooling model's scheduler does little per step (one step per batch
+    of tiles, no KV cache; measured: 12 % of one core while the worker is busy, none when idle), so
+    we set the variable to 0 for this process and the engine processes it starts (measured: 0.96x),
+    unless the user set it (their value always wins); vLLM's own thread binding is left as it is
+    (`VLLM_CPU_OMP_THREADS_BIND`).
 
-    Only on CPU, only for the `Terratorch` architecture; every other model and platform passes
+    Both only on CPU, only for the `Terratorch` architecture; every other model and platform passes
     through unchanged. (vLLM 0.26 and 0.32: module-level `vllm.config.model._get_and_verify_dtype(
     model_id, config, dtype, **kwargs)`, looked up at call time by `ModelConfig.__post_init__`, which
-    runs after general plugins are loaded and before the engine processes start.)
+    runs after general plugins are loaded and before the engine processes start; their executor
+    reads the variable when it binds threads.)
     """
     import torch
     from vllm.config import model as model_config
@@ -74,6 +80,12 @@ def terratorch_cpu_defaults() -> None:
                         model_id,
                     )
                     dtype = "float32"
+                if envs.reserve_no_cpu_for_the_scheduler():
+                    logger.info(
+                        "vllm-terratorch: the forward of %s gets every CPU core (%s=0: no core reserved for vLLM's "
+                        "scheduler, which a pooling model keeps mostly idle); set %s to override",
+                        model_id, envs.RESERVED_CPUS, envs.RESERVED_CPUS,
+                    )
             return current(model_id, config, dtype, *args, **kwargs)
 
         return resolved
