@@ -6,7 +6,9 @@ One process, the same inputs and weights for every path, warm-up excluded, sever
     python benchmarks/offline.py --model tiny                       # CPU smoke (seconds)
     python benchmarks/offline.py --model prithvi300 --image-size 512 --dtype bfloat16 --batch-size 8
 
-Paths: `raw` (the network alone), `adapter` (our model path without vLLM: runs where vLLM is not
+Paths: `raw` (the network alone, at every core: the plain PyTorch loop a user would run instead),
+`raw-bound` (CPU: the same forward in a child process with exactly the OpenMP environment vLLM's
+CPU executor gives its worker for this model, thread count and core binding), `adapter` (our model path without vLLM: runs where vLLM is not
 installed), `ours` (`LLM.encode` through our backend), `intree` (vLLM's own class), and the opt-in
 compiled forward, `adapter-compiled` (no vLLM) and `compiled` (engine). A compiled path takes a
 torch.compile mode after `=`, e.g. `--paths raw,adapter,adapter-compiled=reduce-overhead`
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -44,7 +48,7 @@ MODELS: dict[str, dict[str, Any]] = {
     "tiny": {"backbone": "prithvi_eo_v2_tiny_tl", "indices": [1, 3, 5, 11], "decoder_channels": 16, "image_size": 64},
     "prithvi300": {"backbone": "prithvi_eo_v2_300_tl", "indices": [5, 11, 17, 23], "decoder_channels": 256, "image_size": 512},
 }
-PATHS = ("raw", "adapter", "ours", "intree", "compiled", "adapter-compiled")
+PATHS = ("raw", "raw-bound", "adapter", "ours", "intree", "compiled", "adapter-compiled")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -145,6 +149,35 @@ def raw_outputs_at_precision(cfg: dict[str, Any], inputs: list[dict[str, torch.T
 
 def time_raw(cfg: dict[str, Any], inputs: list[dict[str, torch.Tensor]], batch: int, dtype: torch.dtype, device: str, repeats: int) -> Timing:
     return timed(batched(raw_forward(cfg, inputs, dtype, device), len(inputs), batch, device), repeats)
+
+
+def worker_omp_environment(folder: Path, dtype: str) -> dict[str, str]:
+    """The OpenMP variables vLLM's CPU executor sets for its worker serving `folder` (thread count,
+    binding: `OMP_PLACES`/`OMP_PROC_BIND`, or KMP/GOMP affinity when those runtimes are preloaded),
+    computed by vLLM's own `OMPProcessManager` with our backend's defaults in effect."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    config = EngineArgs(model=str(folder), model_impl="terratorch", skip_tokenizer_init=True, dtype=dtype).create_engine_config()
+    before = dict(os.environ)
+    with OMPProcessManager(config).configure_omp_envs(0, 0):
+        return {name: value for name, value in os.environ.items() if before.get(name) != value}
+
+
+def time_raw_bound(argv: list[str], folder: Path, dtype: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """`raw` in a child process started with the worker's OpenMP environment (it must be in place
+    before the OpenMP runtime starts, so not in this process): its timing entry and that environment."""
+    import tempfile
+
+    environment = worker_omp_environment(folder, dtype)
+    threads = environment.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    with tempfile.TemporaryDirectory(prefix="raw-bound-") as scratch:
+        command = [sys.executable, __file__, *argv, "--paths", "raw", "--raw-threads", threads, "--output", scratch]
+        result = subprocess.run(command, env={**os.environ, **environment}, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"the bound raw run failed: {result.stderr[-1500:]}")
+        (child,) = Path(scratch).glob("offline-*.json")
+        return json.loads(child.read_text())["paths"]["raw"], environment
 
 
 def time_adapter(
@@ -286,12 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flops", action="store_true", help="measure FLOPs per image and report achieved TFLOP/s")
     parser.add_argument(
         "--raw-threads", type=int, default=None,
-        help="torch threads of the raw path (default on CPU: every core, what a plain PyTorch loop uses; "
-        "vLLM's CPU worker gets one fewer unless VLLM_CPU_NUM_OF_RESERVED_CPU=0)",
+        help="torch threads of the raw path (default on CPU: every core, what vLLM's CPU worker gets for a "
+        "Terratorch model unless VLLM_CPU_NUM_OF_RESERVED_CPU is set; equal compute for both)",
     )
     parser.add_argument("--work-dir", type=Path, default=Path("benchmarks/.models"))
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
     paths = [p for p in args.paths.split(",") if p]
     unknown = [p for p in paths if p.partition("=")[0] not in PATHS]
     if unknown:
@@ -306,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build_folder(args.model, image_size, folder)
     inputs = make_inputs(cfg, args.num_images)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # The whole machine, as a user's plain PyTorch loop would run (vLLM's CPU worker gets every core
-    # but one unless VLLM_CPU_NUM_OF_RESERVED_CPU=0; --raw-threads for equal compute).
+    # The engine's forward gets every core on CPU (VLLM_CPU_NUM_OF_RESERVED_CPU=0 by default for our
+    # architecture, engine/compat.py): raw runs with the same, the whole machine a user would use.
     raw_threads = args.raw_threads or (os.cpu_count() or 1 if device == "cpu" else torch.get_num_threads())
     results: dict[str, Any] = {
         "title": f"{args.model} {image_size}px {args.dtype}, batch {args.batch_size}, {args.num_images} images",
@@ -321,6 +355,13 @@ def main(argv: list[str] | None = None) -> int:
         name, _, mode = path.partition("=")
         compile_mode = (mode or args.compile_mode) if name.endswith("compiled") else None
         try:
+            if name == "raw-bound":
+                if device != "cpu":
+                    raise RuntimeError("raw-bound is a CPU path (vLLM's CPU executor binding)")
+                # The child takes this run's arguments with its own --paths/--raw-threads/--output after them.
+                entry, environment = time_raw_bound(given, folder, args.dtype)
+                results["paths"][path] = entry | {"omp_environment": environment}
+                continue
             if name == "raw":
                 with torch_threads(raw_threads):
                     seconds, outputs[path], first_pass = time_raw(cfg, inputs, args.batch_size, DTYPES[args.dtype], device, args.repeats)
@@ -368,9 +409,13 @@ def main(argv: list[str] | None = None) -> int:
             results["paths"]["intree"]["float32_matmul_precision"] = TERRATORCH_IMPORT_PRECISION
             results["raw_at_intree_precision_max_abs_diff_vs_raw"] = max_diff(reduced, outputs["raw"])
         raw_rate = results["paths"]["raw"]["images_per_s"]["median"]
-        results["ratios_vs_raw"] = {
-            path: results["paths"][path]["images_per_s"]["median"] / raw_rate for path in outputs if path != "raw"
-        }
+        timed_paths = [path for path, entry in results["paths"].items() if path != "raw" and "images_per_s" in entry]
+        results["ratios_vs_raw"] = {path: results["paths"][path]["images_per_s"]["median"] / raw_rate for path in timed_paths}
+        if "images_per_s" in results["paths"].get("raw-bound", {}):  # equal compute: the engine worker's threads and binding
+            bound_rate = results["paths"]["raw-bound"]["images_per_s"]["median"]
+            results["ratios_vs_raw_bound"] = {
+                path: results["paths"][path]["images_per_s"]["median"] / bound_rate for path in timed_paths if path != "raw-bound"
+            }
     stem = f"offline-{args.model}-{image_size}-{args.dtype}-b{args.batch_size}"
     json_path, png_path = write_results(results, args.output, stem)
     for path, entry in results["paths"].items():

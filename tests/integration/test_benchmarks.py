@@ -4,6 +4,7 @@ raw PyTorch forward and the in-tree vLLM model produce the same outputs. No timi
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,11 +27,18 @@ def run(script: str, *args: str) -> None:
 
 def test_offline_smoke(tmp_path):
     run("offline.py", "--model", "tiny", "--num-images", "12", "--batch-size", "4", "--repeats", "2",
-        "--work-dir", str(tmp_path / "models"), "--output", str(tmp_path))
+        "--paths", "raw,raw-bound,ours,intree", "--work-dir", str(tmp_path / "models"), "--output", str(tmp_path))
     results = json.loads((tmp_path / "offline-tiny-64-float32-b4.json").read_text())
     assert (tmp_path / "offline-tiny-64-float32-b4.png").stat().st_size > 0
-    assert set(results["paths"]) == {"raw", "ours", "intree"}
-    running = ("raw", "ours", "intree") if INTREE_STARTS else ("raw", "ours")
+    assert set(results["paths"]) == {"raw", "raw-bound", "ours", "intree"}
+    # raw-bound: the plain forward in a child process with the engine worker's OpenMP environment
+    # (every core by default for our architecture: no core kept for the scheduler).
+    bound = results["paths"]["raw-bound"]["omp_environment"]
+    binding = next(bound[name] for name in ("OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY") if name in bound)
+    cpus = re.findall(r"\d+", binding.rsplit("proclist=", 1)[-1])
+    assert int(bound["OMP_NUM_THREADS"]) == len(cpus) >= 1
+    assert set(results["ratios_vs_raw_bound"]) == {"ours"} | ({"intree"} if INTREE_STARTS else set())
+    running = ("raw", "raw-bound", "ours", "intree") if INTREE_STARTS else ("raw", "raw-bound", "ours")
     for name in running:
         entry = results["paths"][name]
         assert "error" not in entry, entry
