@@ -32,7 +32,7 @@ PYTEST := $(PY) -m pytest --timeout=1200 --durations=25
 SECOND_STACK_TESTS := $(addprefix tests/integration/test_,$(addsuffix .py,\
 	serving hostile step_budget dtype segmentation predict whole_scenes multimodal timeseries legacy_checkpoint))
 
-.PHONY: demo test unit integration venv clean-venv
+.PHONY: demo demo-quick test unit integration venv clean-venv
 
 venv: $(STAMP)
 
@@ -46,6 +46,9 @@ $(STAMP): $(REQUIREMENTS) pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m vllm_terratorch.testing.demo --output demo-out
+
+demo-quick: $(STAMP)
+	$(PY) -m vllm_terratorch.testing.demo --quick --output demo-out
 
 ifeq ($(STACK),)
 test:
