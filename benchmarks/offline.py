@@ -8,8 +8,8 @@ One process, the same inputs and weights for every path, warm-up excluded, sever
 
 Paths: `raw` (the network alone, at every core: the plain PyTorch loop a user would run instead),
 `raw-bound` (CPU: the same forward in a child process with exactly the OpenMP environment vLLM's
-CPU executor gives its worker for this model, thread count and core binding), `adapter` (our model path without vLLM: runs where vLLM is not
-installed), `ours` (`LLM.encode` through our backend), `intree` (vLLM's own class), and the opt-in
+CPU executor gives its worker for this model, thread count and core binding), `adapter` (our
+model path without vLLM: runs where vLLM is not installed), `ours` (`LLM.encode` through our backend), `intree` (vLLM's own class), and the opt-in
 compiled forward, `adapter-compiled` (no vLLM) and `compiled` (engine). A compiled path takes a
 torch.compile mode after `=`, e.g. `--paths raw,adapter,adapter-compiled=reduce-overhead`
 (CUDA graphs on a GPU); without one it uses `--compile-mode`.

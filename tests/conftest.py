@@ -20,7 +20,8 @@ def _cpu_reservation_is_per_test():
     """An engine built in the test process sets VLLM_CPU_NUM_OF_RESERVED_CPU=0 for itself (our CPU
     default, engine/compat.py); servers a later test starts must decide for themselves, as a fresh
     `vllm serve` does, so the variable is put back after every test."""
-    name = "VLLM_CPU_NUM_OF_RESERVED_CPU"
+    from vllm_terratorch.envs import RESERVED_CPUS as name
+
     saved = os.environ.get(name)
     yield
     if saved is None:

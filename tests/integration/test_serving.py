@@ -11,10 +11,10 @@ import json
 import threading
 
 import numpy as np
-from helpers import assert_masks_agree
 import pytest
 import rasterio
 import requests
+from helpers import assert_masks_agree
 import torch
 
 from reference import normalised_scene

@@ -149,10 +149,11 @@ class DatamoduleInputs:
             root = Path(scratch)
             if self.layout is not None:  # one image (a benchmark dataset reads no modalities)
                 self._lay_out(root, files[self.names[0]])
-            for name, data in files.items() if self.layout is None else ():
-                path = (root / name if self.multimodal else root) / self.file_names[name]
-                path.parent.mkdir(exist_ok=True)
-                path.write_bytes(data)
+            else:
+                for name, data in files.items():
+                    path = (root / name if self.multimodal else root) / self.file_names[name]
+                    path.parent.mkdir(exist_ok=True)
+                    path.write_bytes(data)
             datamodule = self._build(root)
             try:
                 datamodule.batch_size = 1

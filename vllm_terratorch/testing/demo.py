@@ -99,7 +99,9 @@ def serve_and_ask(model: Path, scene: Path, output: Path) -> tuple[Path, float, 
     when the server was ready and answered (time.monotonic)."""
     from vllm_terratorch.testing.launcher import DOCUMENTED, Server
 
-    env = {"VLLM_TERRATORCH_IO_CONFIG": json.dumps({"output_path": str(output / "predictions")})}
+    predictions = output / "predictions"
+    predictions.mkdir(parents=True, exist_ok=True)
+    env = {"VLLM_TERRATORCH_IO_CONFIG": json.dumps({"output_path": str(predictions)})}
     with Server(model, [*DOCUMENTED, "--allowed-local-media-path", str(scene.parent)], output / "server.log", env) as server:
         server.wait_ready()
         ready = time.monotonic()
@@ -126,9 +128,8 @@ def run_workflow(output: Path) -> dict[str, object]:
     from vllm_terratorch.testing.landcover import write_scene, write_scene_set
 
     output = output.resolve()
-    scenes, run_dir, model, media, predictions = (output / name for name in ("scenes", "training", "model", "input", "predictions"))
-    for folder in (media, predictions):
-        folder.mkdir(parents=True, exist_ok=True)
+    scenes, run_dir, model, media = (output / name for name in ("scenes", "training", "model", "input"))
+    media.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     print(f"[demo] writing {TRAIN_SCENES} + {VAL_SCENES} labelled {CHIP}x{CHIP} scenes to {scenes}", flush=True)
     write_scene_set(scenes, CHIP, TRAIN_SCENES, VAL_SCENES)
@@ -166,9 +167,8 @@ def run(output: Path, size: int, height: int, width: int) -> dict[str, object]:
     from vllm_terratorch.testing.samples import sample_pretrained_cfg, write_model_folder, write_sample_geotiff
 
     output = output.resolve()
-    model, media, predictions = output / "model", output / "input", output / "predictions"
-    for folder in (media, predictions):
-        folder.mkdir(parents=True, exist_ok=True)
+    model, media = output / "model", output / "input"
+    media.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     if not (model / "config.json").is_file():
         print(f"[demo] building a Prithvi-EO-2.0 (tiny) + UperNet segmentation model in {model}", flush=True)
