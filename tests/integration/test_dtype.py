@@ -1,5 +1,6 @@
 """`dtype=bfloat16` is honoured for weights, dummy inputs and request tensors; a Terratorch model on CPU
-defaults to float32 and to every core for its forward (engine/compat.terratorch_cpu_defaults)."""
+defaults to float32 and to every core for its forward (engine/compat.terratorch_cpu_defaults), and runs
+eagerly whether or not --enforce-eager is given (engine/compat.eager_forward)."""
 
 from __future__ import annotations
 
@@ -110,3 +111,33 @@ def test_other_architectures_keep_vllms_reserved_core(monkeypatch):
     model_config._get_and_verify_dtype("x", PretrainedConfig(architectures=["BertModel"], model_type="bert"), "auto",
                                        is_pooling_model=True)
     assert RESERVED_CPUS not in os.environ
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_the_forward_runs_eagerly_without_enforce_eager(tmp_path, enforce_eager):
+    """Left out, --enforce-eager is set for a Terratorch model (engine/compat.eager_forward): vLLM's
+    CUDA graphs would replay their capture's dummy inputs, and its compilation finds nothing of ours."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_terratorch.testing.samples import write_model_folder
+
+    folder = write_model_folder(tmp_path / "model", CFG)
+    config = EngineArgs(
+        model=str(folder), model_impl="terratorch", skip_tokenizer_init=True, enforce_eager=enforce_eager
+    ).create_engine_config()
+    assert config.model_config.enforce_eager
+    assert config.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
+    assert config.compilation_config.mode == CompilationMode.NONE
+
+
+def test_other_architectures_keep_vllms_graphs():
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    import vllm_terratorch
+    from vllm_terratorch.core.config import ARCHITECTURE
+    from vllm_terratorch.engine.compat import GUARD_MARK
+
+    vllm_terratorch.register()
+    assert getattr(MODELS_CONFIG_MAP[ARCHITECTURE], GUARD_MARK, False)
+    assert not [name for name, entry in MODELS_CONFIG_MAP.items() if name != ARCHITECTURE and getattr(entry, GUARD_MARK, False)]

@@ -93,6 +93,55 @@ def terratorch_cpu_defaults() -> None:
     wrap_once(model_config, "_get_and_verify_dtype", wrap)
 
 
+def eager_forward() -> None:
+    """A Terratorch model runs its forward eagerly in vLLM: vLLM's own CUDA graphs would replay
+    the dummy inputs' outputs for every request.
+
+    Our model takes its inputs as raw multimodal tensors handed straight to `forward`
+    (`supports_multimodal_raw_input_only`). Without `--enforce-eager`, vLLM's GPU runner wraps the
+    model in its `CUDAGraphWrapper` and captures `forward` with the dummy batch's tensors; that
+    wrapper "does not store persistent buffers or copy any runtime inputs" (its docstring): only the
+    runner's own buffers (token ids, positions) are refilled before a replay, never the raw inputs,
+    so every request would get the output of the dummy inputs, or of freed memory. TerraTorch
+    networks also synchronise with the GPU inside `forward` (e.g. `.item()` in interpolation), which
+    a capture refuses. So `enforce_eager` is set for the `Terratorch` architecture and logged;
+    CUDA graphs that do take each batch's inputs are our compiled forward's
+    (`VLLM_TERRATORCH_COMPILE=reduce-overhead`, core/compiled.py). On CPU the flag only skips
+    vLLM's Dynamo tracing, which finds nothing of ours to compile.
+
+    (vLLM 0.26 and 0.32: `vllm.model_executor.models.config.MODELS_CONFIG_MAP`, keyed by
+    architecture, whose `verify_and_update_config(vllm_config)` runs early in
+    `VllmConfig.__post_init__`, after general plugins are loaded and before `enforce_eager` turns
+    compilation and CUDA graphs off. An entry vLLM may add for the architecture still runs first.)
+    """
+    try:
+        from vllm.model_executor.models import config as model_configs
+    except ImportError:
+        return
+    config_map = getattr(model_configs, "MODELS_CONFIG_MAP", None)
+    if config_map is None or getattr(config_map.get(ARCHITECTURE), GUARD_MARK, False):
+        return
+    earlier = config_map.get(ARCHITECTURE)
+
+    class TerratorchEagerConfig(getattr(model_configs, "VerifyAndUpdateConfig", object)):  # type: ignore[misc]
+        @staticmethod
+        def verify_and_update_config(vllm_config: Any) -> None:
+            if earlier is not None:
+                earlier.verify_and_update_config(vllm_config)
+            model_config = vllm_config.model_config
+            if not model_config.enforce_eager:
+                logger.info(
+                    "vllm-terratorch: running %s eagerly (as --enforce-eager): vLLM's CUDA graphs would replay "
+                    "their dummy inputs for a model that takes raw input tensors; for CUDA graphs that take each "
+                    "batch's inputs, set VLLM_TERRATORCH_COMPILE=reduce-overhead",
+                    model_config.model,
+                )
+                model_config.enforce_eager = True
+
+    setattr(TerratorchEagerConfig, GUARD_MARK, True)
+    config_map[ARCHITECTURE] = TerratorchEagerConfig
+
+
 # Chunks of one streamed request in the engine at once: one being computed while the next is queued.
 STREAM_LOOKAHEAD = 2
 
