@@ -9,7 +9,8 @@ One process, the same inputs and weights for every path, warm-up excluded, sever
 Paths: `raw` (the network alone, at every core: the plain PyTorch loop a user would run instead),
 `raw-bound` (CPU: the same forward in a child process with exactly the OpenMP environment vLLM's
 CPU executor gives its worker for this model, thread count and core binding), `adapter` (our
-model path without vLLM: runs where vLLM is not installed), `ours` (`LLM.encode` through our backend), `intree` (vLLM's own class), and the opt-in
+model path without vLLM: runs where vLLM is not installed), `ours` (`LLM.encode` through our backend),
+`graphs` (`ours` without `enforce_eager`), `intree` (vLLM's own class), and the opt-in
 compiled forward, `adapter-compiled` (no vLLM) and `compiled` (engine). A compiled path takes a
 torch.compile mode after `=`, e.g. `--paths raw,adapter,adapter-compiled=reduce-overhead`
 (CUDA graphs on a GPU); without one it uses `--compile-mode`.
@@ -48,7 +49,7 @@ MODELS: dict[str, dict[str, Any]] = {
     "tiny": {"backbone": "prithvi_eo_v2_tiny_tl", "indices": [1, 3, 5, 11], "decoder_channels": 16, "image_size": 64},
     "prithvi300": {"backbone": "prithvi_eo_v2_300_tl", "indices": [5, 11, 17, 23], "decoder_channels": 256, "image_size": 512},
 }
-PATHS = ("raw", "raw-bound", "adapter", "ours", "intree", "compiled", "adapter-compiled")
+PATHS = ("raw", "raw-bound", "adapter", "ours", "graphs", "intree", "compiled", "adapter-compiled")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -264,8 +265,9 @@ def profile_forward(
 def time_engine(
     folder: Path, inputs: list[dict[str, torch.Tensor]], batch: int, dtype: str, repeats: int, path: str, compile_mode: str | None = None,
 ) -> Timing:
-    """`LLM.encode` through our backend (`ours`), our backend with the opt-in compiled forward
-    (`compiled`), or vLLM's own class (`intree`)."""
+    """`LLM.encode` through our backend (`ours`), the same without `enforce_eager` (`graphs`: vLLM's
+    CUDA-graph default, which our backend turns into an eager forward, engine/compat.eager_forward),
+    our backend with the opt-in compiled forward (`compiled`), or vLLM's own class (`intree`)."""
     from vllm import LLM
     from vllm.model_executor.models.registry import ModelRegistry, _LazyRegisteredModel
 
@@ -279,7 +281,7 @@ def time_engine(
     # and registers while the engine starts stays, as it would in a user's process.
     try:
         llm = LLM(
-            model=str(folder), model_impl="terratorch", skip_tokenizer_init=True, enforce_eager=True,
+            model=str(folder), model_impl="terratorch", skip_tokenizer_init=True, enforce_eager=path != "graphs",
             enable_mm_embeds=True, dtype=dtype, max_num_seqs=batch, gpu_memory_utilization=0.2 if not torch.cuda.is_available() else 0.8,
         )
     finally:
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--paths", default="raw,ours,intree",
-        help="comma-separated subset of raw,adapter,ours,intree,compiled[=MODE],adapter-compiled[=MODE]",
+        help="comma-separated subset of raw,raw-bound,adapter,ours,graphs,intree,compiled[=MODE],adapter-compiled[=MODE]",
     )
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of a compiled path named without one")
     parser.add_argument("--profile", action="store_true", help="profile one batch of the raw path: where its time goes")

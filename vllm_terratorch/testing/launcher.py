@@ -1,8 +1,8 @@
 """Start and stop a real `vllm serve` process (used by `make demo`, the tests and the benchmarks).
 
 It runs the documented command line through the `vllm` script beside the running interpreter
-(ours: see vllm_cli.py), on a loopback port, in its own process group so that stopping it also
-stops the engine-core and worker processes it spawned.
+(ours: see cli/serve.py; its module where there is no script), on a loopback port, in its own
+process group so that stopping it also stops the engine-core and worker processes it spawned.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ import requests
 
 from vllm_terratorch import envs
 
-VLLM = str(Path(sys.executable).with_name("vllm"))
+_SCRIPT = Path(sys.executable).with_name("vllm")
+# The `vllm` script beside the interpreter; where packages were installed with `pip --target` (the GPU
+# machine's kit, benchmarks/gpu/) there is none, and the same entry point runs as a module.
+VLLM = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "vllm_terratorch.cli.serve"]
 # The flags of the mission document's `vllm serve` line.
 DOCUMENTED = ["--io-processor-plugin", "terratorch_segmentation", "--model-impl", "terratorch", "--skip-tokenizer-init", "--enforce-eager"]
 
@@ -39,7 +42,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = str(model)
         self.log_path = log
-        command = [VLLM, "serve", self.model, *args, "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [*VLLM, "serve", self.model, *args, "--host", "127.0.0.1", "--port", str(self.port)]
         self._log = open(log, "w")  # noqa: SIM115 - closed in close()
         environment = envs.engine_environment({**os.environ, **(env or {})})
         self.process = subprocess.Popen(
