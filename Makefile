@@ -6,7 +6,8 @@
 # `make test` with no STACK is what CI runs: the full suite on py311, then on py312 the integration
 # modules that go through what differs between the two vLLM/TerraTorch releases (SECOND_STACK_TESTS:
 # every engine/compat.py shim (dtype default, event-loop offload, streamed requests, step budget),
-# the server, offline and predict engines, TerraTorch's TerraMind and time-series models). The rest
+# the server, offline and predict engines, TerraTorch's TerraMind and time-series models, and the GPU
+# machine's run.sh dry run, which needs the vLLM release the GPU kit carries: 0.26). The rest
 # (benchmark scripts, classification/regression/compiled/export/io-offline engines) is our own code
 # above the engine, the same on both: running it twice cost ~20 of CI's 90 minutes.
 # `make test STACK=py312` runs the full suite on one stack; demo/unit/integration default to py311.
@@ -30,7 +31,7 @@ REQUIREMENTS := requirements/$(SELECTED)-cpu.txt
 STAMP := $(VENV)/.installed
 PYTEST := $(PY) -m pytest --timeout=1200 --durations=25
 SECOND_STACK_TESTS := $(addprefix tests/integration/test_,$(addsuffix .py,\
-	serving hostile step_budget dtype segmentation predict whole_scenes multimodal timeseries legacy_checkpoint))
+	serving hostile step_budget dtype segmentation predict whole_scenes multimodal timeseries legacy_checkpoint gpu_run))
 
 .PHONY: demo demo-quick test unit integration venv clean-venv
 
