@@ -104,15 +104,12 @@ def eager_forward() -> None:
     runner's own buffers (token ids, positions) are refilled before a replay, never the raw inputs,
     so every request would get the output of the dummy inputs, or of freed memory. TerraTorch
     networks also synchronise with the GPU inside `forward` (e.g. `.item()` in interpolation), which
-    a capture refuses. So `enforce_eager` is set for the `Terratorch` architecture and logged;
-    CUDA graphs that do take each batch's inputs are our compiled forward's
-    (`VLLM_TERRATORCH_COMPILE=reduce-overhead`, core/compiled.py). On CPU the flag only skips
-    vLLM's Dynamo tracing, which finds nothing of ours to compile.
-
-    (vLLM 0.26 and 0.32: `vllm.model_executor.models.config.MODELS_CONFIG_MAP`, keyed by
-    architecture, whose `verify_and_update_config(vllm_config)` runs early in
-    `VllmConfig.__post_init__`, after general plugins are loaded and before `enforce_eager` turns
-    compilation and CUDA graphs off. An entry vLLM may add for the architecture still runs first.)
+    a capture refuses. So `enforce_eager` is set for `Terratorch`, logged; CUDA graphs that take each
+    batch's inputs are our compiled forward's (`VLLM_TERRATORCH_COMPILE=reduce-overhead`). On CPU it
+    skips vLLM's Dynamo tracing, which finds nothing of ours to compile. (vLLM 0.26 and 0.32:
+    `MODELS_CONFIG_MAP[arch].verify_and_update_config(vllm_config)` runs early in
+    `VllmConfig.__post_init__`, before `enforce_eager` turns compilation and graphs off; an entry
+    vLLM may add for the architecture still runs first.)
     """
     try:
         from vllm.model_executor.models import config as model_configs
