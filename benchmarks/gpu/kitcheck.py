@@ -203,7 +203,8 @@ def read_lock(path: Path) -> Lock:
     for entry in data["packages"]:
         name = normalise(entry["name"])
         if entry["source"] == "kit":
-            lock.kit[name] = Dist(name, entry["version"], "kit", tuple(entry["requires_dist"]), entry["requires_python"])
+            lock.kit[name] = Dist(name, entry["version"], "kit", tuple(entry["requires_dist"]),
+                                  entry["requires_python"])
         elif entry["source"] == "dropped":
             lock.dropped[name] = entry["dropped"]
         else:
@@ -263,7 +264,8 @@ def check(kit: dict[str, Dist], image: dict[str, Dist], roots: Iterable[str] = (
         if dist.requires_dist is None:
             continue
         python = TARGET_ENVIRONMENT["python_full_version"]
-        if dist.requires_python and dist.version is not None and not _contains(SpecifierSet(dist.requires_python), python):
+        supported = SpecifierSet(dist.requires_python or "")
+        if dist.requires_python and dist.version is not None and not _contains(supported, python):
             report.failures.append(f"{name} {dist.version} ({dist.source}) requires Python '{dist.requires_python}', "
                                    f"found {python}")
         requirers += [(name, req) for req in active_requirements(dist.requires_dist, extras.get(name, ()))]
