@@ -211,9 +211,10 @@ def streams(args: argparse.Namespace) -> None:
     names = [f"{i:03d}" for i in range(len(bins))]
     (site / marker / "streams.txt").write_text("".join(f"{n}\n" for n in names))
     described = []
-    for i, (name, stream) in enumerate(zip(names, bins)):
+    for name, stream in zip(names, bins):
         (site / marker / "streams" / name).write_text("")
-        extra = [str(marker / "streams" / name)] + ([str(marker / "streams.txt")] if i == 0 else [])
+        # Each stream carries the list of them all, so an unpack can say how many are still missing.
+        extra = [str(marker / "streams" / name), str(marker / "streams.txt")]
         files = sorted(stream["files"]) + extra
         (out / f"{name}.list").write_bytes(b"".join(f.encode() + b"\0" for f in files))
         described.append({"stream": name, "raw": stream["raw"], "dists": dict(stream["dists"])})
@@ -443,7 +444,8 @@ def image_emulation(args: argparse.Namespace) -> None:
         for req in active_requirements(resolved[name].get("requires_dist") or [], ()):
             dep = normalise(req.name)
             have = venv_versions.get(dep)
-            if dep in image and dep in resolved and (have is None or not req.specifier.contains(have, prereleases=True)):
+            fits = have is not None and req.specifier.contains(have, prereleases=True)
+            if dep in image and dep in resolved and not fits:
                 overlay.add(f"{dep}=={resolved[dep]['version']}")  # the venv's does not do (numba 0.68: llvmlite)
     overlay = sorted(overlay)
     subprocess.run([*pip, "--no-deps", "--no-compile", "--target", str(out / "versions"), *overlay], check=True)

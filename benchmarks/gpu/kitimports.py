@@ -133,7 +133,8 @@ def module_level_imports(tree: ast.Module, module: str, is_package: bool) -> lis
     def visit(statements: list[ast.stmt], kind: str) -> None:
         for node in statements:
             if isinstance(node, ast.Import):
-                found.extend(Import(alias.name.removesuffix(".__init__"), (), kind, node.lineno) for alias in node.names)
+                found.extend(Import(alias.name.removesuffix(".__init__"), (), kind, node.lineno)
+                             for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
                 found.append(Import(absolute(node).removesuffix(".__init__"), tuple(a.name for a in node.names),
                                     kind, node.lineno))
