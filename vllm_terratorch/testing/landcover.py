@@ -78,16 +78,22 @@ def ndwi_water(pixels: np.ndarray) -> np.ndarray:
     return ((green - nir) / np.maximum(green + nir, 1e-6) > 0).astype(np.uint8)
 
 
-def write_scene(image_path: Path, size: int, seed: int, mask_path: Path | None = None) -> tuple[Path, np.ndarray]:
+def write_scene(image_path: Path, size: int, seed: int, mask_path: Path | None = None,
+                width: int | None = None) -> tuple[Path, np.ndarray]:
     """A scene GeoTIFF (6 bands, UTM 30N, 30 m pixels; each seed elsewhere near Valencia), and
-    optionally its rule label as a single-band GeoTIFF on the same grid. Returns the path and the label."""
+    optionally its rule label as a single-band GeoTIFF on the same grid. Returns the path and the label.
+
+    `size` is the height, and the width too unless `width` is given: a non-square scene is the
+    top-left of a square one, so its land cover looks the same as a square scene's."""
     import rasterio
     from rasterio.transform import from_origin
 
-    pixels = render(land_cover(size, seed), seed)
+    height, width = size, width or size
+    side = max(height, width)
+    pixels = render(land_cover(side, seed), seed)[:, :height, :width]
     label = ndwi_water(pixels)
-    origin = (720000.0 + (seed % 10) * size * PIXEL_M, 4380000.0 - (seed // 10) * size * PIXEL_M)
-    profile = {"driver": "GTiff", "height": size, "width": size, "crs": CRS, "transform": from_origin(*origin, PIXEL_M, PIXEL_M)}
+    origin = (720000.0 + (seed % 10) * side * PIXEL_M, 4380000.0 - (seed // 10) * side * PIXEL_M)
+    profile = {"driver": "GTiff", "height": height, "width": width, "crs": CRS, "transform": from_origin(*origin, PIXEL_M, PIXEL_M)}
     image_path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(image_path, "w", **profile, count=len(BANDS), dtype="int16", nodata=-9999) as target:
         target.write(pixels)
