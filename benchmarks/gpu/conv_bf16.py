@@ -51,9 +51,9 @@ def backend_flags() -> dict[str, Any]:
     }
 
 
-def run_case(name: str, dtype: torch.dtype, channels_last: bool, device: str, scale: float) -> dict[str, Any]:
+def run_case(name: str, dtype: torch.dtype, channels_last: bool, device: str, scale: float, batch: int, repeats: int) -> dict[str, Any]:
     layer_type, kwargs, shape = CASES[name]
-    shape = (*shape[:-2], *(max(16, round(d * scale)) for d in shape[-2:]))  # the spatial sizes scaled
+    shape = (batch, *shape[1:-2], *(max(16, round(d * scale)) for d in shape[-2:]))  # the batch and spatial sizes scaled
     layer = layer_type(**kwargs).to(device=device, dtype=dtype).eval()
     x = torch.randn(shape, device=device, dtype=dtype)
     if channels_last:
@@ -61,15 +61,15 @@ def run_case(name: str, dtype: torch.dtype, channels_last: bool, device: str, sc
         layer, x = layer.to(memory_format=fmt), x.contiguous(memory_format=fmt)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
     with torch.inference_mode():
-        for _ in range(2):
+        for _ in range(min(2, repeats)):
             layer(x)
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         sync()
         started = time.perf_counter()
-        for _ in range(5):
+        for _ in range(repeats):
             layer(x)
         sync()
-        seconds = (time.perf_counter() - started) / 5
+        seconds = (time.perf_counter() - started) / repeats
         with torch.profiler.profile(activities=activities) as profile:
             layer(x)
             sync()
@@ -88,10 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--scale", type=float, default=None, help="spatial size factor (default 1 on a GPU, 1/8 on CPU)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 8 on a GPU, 1 on CPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 5 on a GPU, 1 on CPU)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    scale = args.scale or (1.0 if device == "cuda" else 0.125)
-    results: dict[str, Any] = {"device": device, "torch": torch.__version__, "scale": scale, "flags_before_terratorch": backend_flags()}
+    # On a CPU this is a dry run of the script, sized so that it stays one: a CPU without native
+    # bf16 takes PyTorch's slow fallbacks (CI's: slow_conv3d, 128 ms a call where this VM's oneDNN
+    # takes 1.5 ms), and at batch 8 x 8 calls the 32 cases ran past the step's 240 s there.
+    gpu = device == "cuda"
+    scale = args.scale or (1.0 if gpu else 0.125)
+    batch = args.batch or (8 if gpu else 1)
+    repeats = args.repeats or (5 if gpu else 1)
+    results: dict[str, Any] = {"device": device, "torch": torch.__version__, "scale": scale, "batch": batch, "repeats": repeats,
+                               "flags_before_terratorch": backend_flags()}
     if device == "cuda":
         results["gpu"] = torch.cuda.get_device_name(0)
     rows = []
@@ -104,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             for dtype in (torch.float32, torch.bfloat16):
                 for channels_last in (False, True):
                     try:
-                        rows.append({"phase": phase, **run_case(name, dtype, channels_last, device, scale)})
+                        rows.append({"phase": phase, **run_case(name, dtype, channels_last, device, scale, batch, repeats)})
                     except Exception as error:  # noqa: BLE001 - one case that cannot run is reported
                         rows.append({"phase": phase, "case": name, "dtype": str(dtype), "channels_last": channels_last,
                                      "error": f"{type(error).__name__}: {error}"[:500]})
