@@ -55,14 +55,46 @@ def test_offline_smoke(tmp_path):
 
 
 def test_online_smoke(tmp_path):
+    """The levels and a tiny mix (two shapes, each sent as a URL and as base64) on one server: the
+    client's numbers, the server-side meters (engine busy fraction, CPU by process, /health probe)
+    and the mix's split of each request's time. Schema only, no timing asserts."""
     run("online.py", "--levels", "1,2", "--requests", "4", "--scene-size", "80", "--scenes", "2",
+        "--mix", "--mix-sizes", "96x80,64x128", "--mix-levels", "2", "--mix-requests", "4",
         "--work-dir", str(tmp_path / "work"), "--output", str(tmp_path))
     results = json.loads((tmp_path / "online-80px.json").read_text())
     assert [level["concurrency"] for level in results["levels"]] == [1, 2]
     for level in results["levels"]:
-        assert level["errors"] == 0 and level["requests"] == 4 and level["requests_per_s"] > 0
-        assert {"p50", "p95", "p99"} <= set(level["latency_s"])
+        assert level["requests"] == 4 and level["requests_per_s"] > 0
         assert set(level["server_split_s"]) == {"decode_s", "engine_s", "encode_s"}
+        assert_level_schema(level)
+    assert results["health_probe_idle"]["latency_s"]["n"] > 0
+    mix = results["mix"]
+    assert mix["shapes"] == ["96x80", "64x128"] and mix["formats"] == ["url", "b64"]
+    (level,) = mix["levels"]
+    assert level["concurrency"] == 2 and level["requests"] == 4
+    assert_level_schema(level)
+    rows = level["per_request"]
+    assert sorted((row["shape"], row["format"]) for row in rows) == sorted(
+        (shape, form) for shape in ("96x80", "64x128") for form in ("url", "b64"))
+    parts = ("decode_s", "queue_engine_s", "encode_s", "outside_s")
+    assert all(row[part] >= 0 for row in rows for part in parts)
+    assert set(level["time_shares"]) == set(parts) and sum(level["time_shares"].values()) == pytest.approx(1, abs=1e-3)
+    assert set(level["by_shape"]) == {"96x80", "64x128"} and set(level["by_format"]) == {"url", "b64"}
+
+
+def assert_level_schema(level):
+    """No errors; the latency percentiles; the engine meter's busy fraction and tiles per forward;
+    CPU seconds of the API server and the model's process; the /health probe's latencies."""
+    assert level["errors"] == 0
+    assert {"p50", "p95", "p99"} <= set(level["latency_s"])
+    server = level["server"]
+    assert "error" not in server, server
+    assert 0 <= server["engine_busy_fraction"] <= 1 and server["forwards"] >= 1 and server["tiles_per_forward"] >= 1
+    assert {"api_server", "client"} <= set(server["cpu_s"]) and {"engine_core", "worker"} & set(server["cpu_s"])
+    assert all(seconds >= 0 for seconds in server["cpu_s"].values())
+    probe = level["health_probe"]
+    assert probe["endpoint"] == "/health" and probe["failures"] == 0
+    assert probe["latency_s"]["n"] >= 1 and {"p50", "p95", "max"} <= set(probe["latency_s"])
 
 
 def test_scenes_smoke(tmp_path):

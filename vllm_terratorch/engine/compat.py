@@ -270,6 +270,28 @@ def preprocess_off_the_event_loop() -> None:
     wrap_once(PoolingBaseServing, "_preprocessing", wrap)
 
 
+def pace_engine_submissions() -> None:
+    """Make each `AsyncLLM.add_request` (vLLM 0.26 and 0.32, an async method) wait for its turn
+    of the running loop's `SubmissionPacer` first (engine/pacing.py says why). Applied in the API
+    server, where vLLM has imported `vllm.v1.engine.async_llm` by the time our processor is
+    created; the offline `LLM` has no event loop to protect, and nothing is wrapped there."""
+    from vllm_terratorch.engine.pacing import pacer_for
+
+    module = sys.modules.get("vllm.v1.engine.async_llm")
+    AsyncLLM = getattr(module, "AsyncLLM", None)  # noqa: N806 - a class
+    if AsyncLLM is None or not inspect.iscoroutinefunction(getattr(AsyncLLM, "add_request", None)):
+        return
+
+    def wrap(current: Callable[..., Any]) -> Callable[..., Any]:
+        async def add_request(self: Any, *args: Any, **kwargs: Any) -> Any:
+            await pacer_for(asyncio.get_running_loop()).turn()
+            return await current(self, *args, **kwargs)
+
+        return add_request
+
+    wrap_once(AsyncLLM, "add_request", wrap)
+
+
 # A step may use this share of vLLM's execute-model timeout; the rest is margin, because later steps
 # can be slower than the measured one (a busier machine: on CPU the API server's decoding and
 # encoding share the cores with the worker; larger inputs).

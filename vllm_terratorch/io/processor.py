@@ -4,9 +4,11 @@ All tiles of a request are returned as separate prompts, so vLLM batches them (w
 requests' tiles). What finishing a request needs lives between pre- and post-processing in a
 bounded table keyed by request id, removed when the request finishes, so failed requests cannot
 pile it up. Downloads, decoding, tiling, stitching and encoding run in the processor's own thread
-pool, never on vLLM's event loop. A `path` request too large to hold is instead streamed a chunk of
-tiles at a time (io/streaming.py, driven by compat.stream_large_requests): `may_stream`,
-`open_stream`, `stage_chunk` and `drop_stream` are that driver's side of it.
+pool, never on vLLM's event loop, and a request's tiles enter the engine a loop turn at a time
+(engine/pacing.py), so the loop keeps answering while a large scene is handed over. A `path`
+request too large to hold is instead streamed a chunk of tiles at a time (io/streaming.py, driven
+by compat.stream_large_requests): `may_stream`, `open_stream`, `stage_chunk` and `drop_stream` are
+that driver's side of it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from vllm.plugins.io_processors.interface import IOProcessor
 from vllm.pooling_params import PoolingParams
 
 from vllm_terratorch.core.config import pretrained_cfg_of
-from vllm_terratorch.engine.compat import preprocess_off_the_event_loop, stream_large_requests
+from vllm_terratorch.engine.compat import pace_engine_submissions, preprocess_off_the_event_loop, stream_large_requests
 from vllm_terratorch.errors import RequestError
 from vllm_terratorch.io.pipeline import GeoTiffPipeline, Pending
 from vllm_terratorch.io.tasks import ClassificationPipeline, RegressionPipeline, SegmentationPipeline
@@ -60,6 +62,7 @@ class GeoTiffProcessor(IOProcessor):
         self._chunks: dict[str, list[dict[str, Any]]] = {}  # a streamed request's next prompts, by chunk id
         self.io_executor = ThreadPoolExecutor(self.pipeline.settings.io_workers, thread_name_prefix="vllm-terratorch-io")
         preprocess_off_the_event_loop()
+        pace_engine_submissions()
         stream_large_requests()
         logger.info("vllm-terratorch: %s", self.pipeline.describe())
 
