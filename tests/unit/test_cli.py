@@ -243,6 +243,8 @@ def test_input_spec_is_inferred_and_printed(tmp_path: Path, capsys) -> None:
     spec = json.loads((tmp_path / "config.json").read_text())["pretrained_cfg"]["input"]
     assert spec == CFG["input"]  # 6 bands, 32 x 32 tiles, location coordinates of a _tl backbone
     assert "data.init_args.output_bands" in out and "tiled_inference_parameters" in out and "ends with _tl" in out
+    # ... from a generic datamodule, which gave the fine-tune none: said, with the way to parity
+    assert "GenericNonGeoSegmentationDataModule gives the model no coordinates in training" in out and "-i" in out
     assert "left out of pretrained_cfg (not needed to serve): trainer, optimizer" in out
 
 

@@ -184,13 +184,22 @@ def infer_input_spec(ttconfig: Mapping[str, Any]) -> tuple[dict[str, Any], list[
     backbone = backbone if isinstance(backbone, str) else ""
     encoding = model_args.get("backbone_coords_encoding")
     encoding = [str(e) for e in encoding] if isinstance(encoding, list) else []
+    datamodule = str(_section(ttconfig, "data").get("class_path", ""))
+    # TerraTorch's generic datamodules yield images and labels only: a network fine-tuned with one
+    # never saw coordinates, and serving them changes its outputs from what `terratorch predict`
+    # gives (Prithvi skips its coordinate embedding without them). Declared all the same, as
+    # upstream's published configs of _tl fine-tunes do (the mission's declares location_coords),
+    # but said, with the way out.
+    untold = datamodule.rsplit(".", 1)[-1].startswith("Generic")
+    skew = (f"; note: {datamodule} gives the model no coordinates in training, so outputs will differ from "
+            "`terratorch predict`'s (pass the input spec with -i, without them, for the same outputs)") if untold else ""
     if backbone.endswith("_tl") or "location" in encoding:
         data["location_coords"] = {"type": tensor, "shape": [1, 2]}
         why = f"backbone {backbone} ends with _tl" if backbone.endswith("_tl") else "backbone_coords_encoding has location"
-        notes.append(f"location_coords [1, 2]: {why}")
+        notes.append(f"location_coords [1, 2]: {why}{skew}")
     if "time" in encoding:
         data["temporal_coords"] = {"type": tensor, "shape": [1, frames, 2]}
-        notes.append(f"temporal_coords [1, {frames}, 2]: backbone_coords_encoding has time")
+        notes.append(f"temporal_coords [1, {frames}, 2]: backbone_coords_encoding has time{skew}")
     return {"target": "pixel_values", "data": data}, notes
 
 
