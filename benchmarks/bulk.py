@@ -18,13 +18,12 @@ runs it, in its own process:
 Each tool's wall time is the whole command (imports, model or engine start, every scene). Each is
 also run once on a single small scene first: wall(all) - wall(one) is its time for the scenes
 without its start-up, the `steady` rates. The class masks are compared with `ours`' pixel by
-pixel (`agreement_with_ours`). `torch` uses the same tiles and blend as `ours`, but no
-location_coords (like `terratorch predict`, whose generic datamodule gives none), where `ours`
-passes each scene's centre because the exported model declares them. TerraTorch's own tiling
-places and blends its tiles differently (edge tiles moved inside the scene instead of padded, an
-8-pixel border cut from each tile, cosine ramps), so with a weakly trained model it disagrees
-wherever tile edges change the argmax (#20: to be made equal). Writes `<output>/bulk-*.json`
-and `.png`.
+pixel (`agreement_with_ours`). Every path gives the network the same inputs: the demo YAML's
+fine-tune trains on a generic datamodule, which gives it no coordinates, so `ours` is exported
+without location_coords (`parity_input`, what `vllm-terratorch config` advises), as `terratorch
+predict` and `torch` pass none; and `ours` tiles as TerraTorch's `tiled_inference` does (the
+config's `tiled_inference_parameters`, io/tiling.py), as does `torch`, with our tiling code.
+Writes `<output>/bulk-*.json` and `.png`.
 
     python benchmarks/bulk.py                                   # 12 scenes, about 1k², every path
     python benchmarks/bulk.py --sizes 2048 --scenes 4 --paths terratorch,ours
@@ -99,6 +98,29 @@ def fit_checkpoint(config: Path, work: Path, epochs: int) -> Path:
               *(f"--data.init_args.{split}_data_root={scenes / folder}" for split, folder in (("train", "train"), ("val", "val"), ("test", "val"))),
               f"--trainer.max_epochs={epochs}", f"--trainer.default_root_dir={run_dir}"], work / "fit.log", "terratorch fit")
     return checkpoint
+
+
+COORDINATES = ("location_coords", "temporal_coords")
+
+
+def parity_input(config: Path) -> list[str]:
+    """`-i SPEC` for `vllm-terratorch export` when the fine-tune never saw coordinates: the input
+    spec `config` infers, less the coordinates. A _tl backbone's export declares location_coords
+    (as upstream's configs do), but a YAML that trains on a generic datamodule gave the network
+    none, and `terratorch predict` passes none: the same inputs are what `config` advises for the
+    same outputs. Nothing (export infers the spec itself) otherwise."""
+    import yaml
+
+    from vllm_terratorch.cli.generate import infer_input_spec, trains_without_coordinates
+
+    document = yaml.safe_load(config.read_text())
+    if not trains_without_coordinates(document):
+        return []
+    spec, _ = infer_input_spec(document)
+    if not set(COORDINATES) & set(spec["data"]):
+        return []
+    spec["data"] = {name: entry for name, entry in spec["data"].items() if name not in COORDINATES}
+    return ["-i", json.dumps(spec)]
 
 
 def tool_command(path: str, scenes: Path, out: Path, config: Path, checkpoint: Path, model: Path, replicas: int) -> list[str]:
@@ -206,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = args.checkpoint.resolve() if args.checkpoint else fit_checkpoint(config, work, args.fit_epochs)
     model = work / "model"
     run_step([sys.executable, "-m", "vllm_terratorch.cli.main", "export", "--ttconfig", str(config),
-              "--checkpoint", str(checkpoint), "--force", str(model)], work / "export.log", "vllm-terratorch export")
+              "--checkpoint", str(checkpoint), "--force", *parity_input(config), str(model)], work / "export.log",
+             "vllm-terratorch export")
     if args.scene_dir:
         scene_dir = args.scene_dir.resolve()
         scenes = sorted(scene_dir.glob("*_img.tif"))

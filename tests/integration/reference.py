@@ -1,6 +1,5 @@
-"""Independent plain-PyTorch references, no vllm_terratorch code: the datamodule's normalisation of
-a scene (by hand, or by TerraTorch's own datamodule), and the sliding window (reflect-pad, run every window, blend overlaps with linear ramps,
-the documented blending, crop back)."""
+"""Independent references, no vllm_terratorch code: the datamodule's normalisation of a scene (by
+hand, or by TerraTorch's own datamodule), and TerraTorch's own tiled inference of a large scene."""
 
 from __future__ import annotations
 
@@ -55,30 +54,11 @@ def assert_same_classes(answer: np.ndarray, logits: np.ndarray) -> None:
     assert np.array_equal(answer[decided], logits.argmax(axis=0)[decided])
 
 
-def ramp(crop: int, stride: int) -> np.ndarray:
-    overlap = crop - stride
-    if overlap == 0:
-        return np.ones(crop)
-    edge_distance = np.minimum(np.arange(crop), crop - 1 - np.arange(crop)) + 0.5
-    return np.minimum(edge_distance / overlap, 1.0)
+def terratorch_tiled(image: np.ndarray, crop: int, stride: int, predict: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+    """image (C, H, W) float32 -> (K, H, W) by TerraTorch's own `tiled_inference` (what `terratorch
+    predict` runs for a config with these `tiled_inference_parameters`); `predict` maps a batch of
+    (N, C, crop, crop) tiles to (N, K, crop, crop)."""
+    from terratorch.tasks.tiled_inference import tiled_inference
 
-
-def sliding_window(image: np.ndarray, crop: int, stride: int, predict: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
-    """image (C, H, W) float32 -> (K, H, W); `predict` maps a (1, C, crop, crop) tile to (K, crop, crop)."""
-    _, height, width = image.shape
-    padded_h = max(height, crop) + (-(max(height, crop) - crop)) % stride
-    padded_w = max(width, crop) + (-(max(width, crop) - crop)) % stride
-    padded = np.pad(image, ((0, 0), (0, padded_h - height), (0, padded_w - width)), mode="reflect")
-    weight = np.outer(ramp(crop, stride), ramp(crop, stride))
-    total, norm = None, np.zeros((padded_h, padded_w))
-    for top in range(0, padded_h - crop + 1, stride):
-        for left in range(0, padded_w - crop + 1, stride):
-            tile = torch.from_numpy(np.ascontiguousarray(padded[:, top : top + crop, left : left + crop]))[None]
-            with torch.no_grad():
-                out = predict(tile).float().numpy()
-            out = out[None] if out.ndim == 2 else out
-            if total is None:
-                total = np.zeros((out.shape[0], padded_h, padded_w))
-            total[:, top : top + crop, left : left + crop] += out * weight
-            norm[top : top + crop, left : left + crop] += weight
-    return (total / norm)[:, :height, :width]
+    with torch.no_grad():
+        return tiled_inference(predict, torch.from_numpy(image)[None], crop=crop, stride=stride)[0].float().numpy()

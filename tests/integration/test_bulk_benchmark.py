@@ -29,10 +29,11 @@ def test_bulk_smoke(tmp_path):
         assert entry["wall_s"] > 0 and entry["mpix_per_s"]["median"] > 0
     # Local and Ray run the same engine path: the same masks up to a 2-thread forward's rounding.
     assert results["paths"]["ours-ray"]["agreement_with_ours"]["pixels"] >= 0.999
-    # The same network and tiles without location_coords, and TerraTorch's own tiling: masks of the
-    # same scenes (a one-epoch model disagrees near tile edges and class boundaries).
+    # The same inputs (no coordinates: the fine-tune never saw any) and TerraTorch's tiling in every
+    # path: the masks of #20's goal, equal on >= 99.9 % of pixels, up to float32 sums in another order
+    # (batches of another size, oneDNN's threads) flipping near-ties of a one-epoch model.
     for name in ("torch", "terratorch"):
         agreement = results["paths"][name]["agreement_with_ours"]
-        assert 0.6 <= agreement["worst_scene"] <= agreement["pixels"] <= 1.0, (name, agreement)
+        assert agreement["pixels"] >= 0.999 and agreement["worst_scene"] >= 0.995, (name, agreement)
     assert set(results["ours_speed_vs"]) == {"terratorch", "ours-ray", "torch"}
     assert results["paths"]["torch"]["loop"]["forward_s"] > 0

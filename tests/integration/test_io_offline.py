@@ -11,7 +11,7 @@ import pytest
 import rasterio
 import torch
 from helpers import engine
-from reference import normalised_scene, sliding_window
+from reference import normalised_scene, terratorch_tiled
 
 from vllm_terratorch.testing.samples import MEANS, STDS, build_sample_task, sample_pretrained_cfg, write_model_folder, write_sample_geotiff
 
@@ -52,13 +52,13 @@ def test_regression_processor(tmp_path):
         with rasterio.open(scene) as original:
             assert (source.crs, source.transform) == (original.crs, original.transform)
     assert np.isnan(values[:5, :5]).all() and np.isfinite(values[5:, 5:]).all()
-    # Stitched tiles (64 px, stride 48: overlaps blended) equal a plain sliding-window forward.
+    # Stitched tiles (64 px, stride 48: the config's tiled_inference_parameters) equal TerraTorch's own tiled inference.
     image, coords = normalised(scene)
     pixels = image[0].numpy()
     # nodata pixels become no_data_replace (0), then are normalised, as the datamodule does.
     pixels[:, :5, :5] = (0.0 - np.array(MEANS, dtype=np.float32)[:, None, None]) / np.array(STDS, dtype=np.float32)[:, None, None]
     network = build_sample_task(cfg).model
-    expected = sliding_window(pixels, 64, 48, lambda tile: network(x=tile, location_coords=coords).output[0])
+    expected = terratorch_tiled(pixels, 64, 48, lambda tiles: network(x=tiles, location_coords=coords.expand(len(tiles), -1)).output)
     assert np.nanmax(np.abs(values[5:, 5:] - expected[0, 5:, 5:])) <= 1e-4
 
 

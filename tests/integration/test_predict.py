@@ -265,7 +265,7 @@ def test_a_streamed_scene_is_written_whole_or_not_at_all(tmp_path):
     scenes = tmp_path / "scenes"
     scenes.mkdir()
     for index in range(3):
-        write_sample_geotiff(scenes / f"s{index}.tif", 200, 190, seed=index)  # 4 x 4 tiles each
+        write_sample_geotiff(scenes / f"s{index}.tif", 200, 190, seed=index)  # 5 x 4 tiles each (TerraTorch's tiling)
     base = [str(model), "--input", str(scenes), "--chunk-tiles", "4", "--workers", "1", "--no-progress"]
 
     def run(name: str, engine: StandInEngine, *options: str) -> tuple[int, Path]:
@@ -276,7 +276,7 @@ def test_a_streamed_scene_is_written_whole_or_not_at_all(tmp_path):
     assert code == 0
     for index in range(3):
         assert np.array_equal(read_mask(streamed / f"s{index}_pred.tif")[0], read_mask(tmp_path / "whole" / f"s{index}_pred.tif")[0])
-    assert json.loads((streamed / "summary.json").read_text())["totals"]["tiles"] == 48
+    assert json.loads((streamed / "summary.json").read_text())["totals"]["tiles"] == 60
     code, cog = run("cog", StandInEngine(model), "--cog")  # --cog streams every scene, whatever its size
     assert code == 0
     for index in range(3):
@@ -342,7 +342,7 @@ def test_scenes_prepared_ahead_equal_prepare_at_the_engine_dtype(tmp_path, dtype
     pipeline = get_pipeline(ProcessorSpec(str(model), "terratorch_segmentation", str(dtype).removeprefix("torch.")))
     request = GeoTiffRequest(data=str(scene), data_format="path", out_data_format="path")
     reference, _ = pipeline.prepare(scene.read_bytes(), request)
-    assert len(ours) == len(reference) == 6  # 2 x 3 overlapping tiles
+    assert len(ours) == len(reference) == 9  # 3 x 3 overlapping tiles
     for got, expected in zip(ours, reference):
         got, expected = got["multi_modal_data"]["image"], expected["multi_modal_data"]["image"]
         assert set(got) == set(expected) == {"pixel_values", "location_coords"}

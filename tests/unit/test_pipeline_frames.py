@@ -36,7 +36,8 @@ def test_each_frame_is_prepared_like_a_single_image_and_cut_at_the_same_windows(
     single = pipeline(None)
     per_frame = [single.prepare(p.read_bytes(), GeoTiffRequest(data=str(p), data_format="path"))[0] for p in frames]
     tiles = images(prompts)
-    assert tiles.shape == (len(pending.plan), 6, 3, 64, 64) and len(pending.plan) == 4  # 2 x 2 windows
+    # 3 x 2 windows: TerraTorch's tiling (100 x 90 padded by delta 8 to 116 x 106, rows at 0, 48, 52)
+    assert tiles.shape == (len(pending.plan), 6, 3, 64, 64) and len(pending.plan) == 6
     for t, frame in enumerate(per_frame):
         assert torch.equal(tiles[:, :, t], images(frame))
     first = prompts[0]["multi_modal_data"]["image"]

@@ -19,7 +19,8 @@ from vllm_terratorch.testing.samples import sample_pretrained_cfg, write_model_f
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
-    """Three decoded scenes of different sizes (1, 2 and 4 tiles) of a tiny segmentation model."""
+    """Three decoded scenes of different sizes (1, 6 and 9 tiles: TerraTorch's tiling, 64 px tiles at
+    stride 48 over the image padded by delta 8) of a tiny segmentation model."""
     root = tmp_path_factory.mktemp("predict-engine")
     model = write_model_folder(root / "model", sample_pretrained_cfg("segmentation"))
     spec = ProcessorSpec(str(model), "terratorch_segmentation", "float32")
@@ -55,7 +56,7 @@ def tiles(scene) -> int:
 def test_one_call_for_many_scenes_and_each_scene_gets_its_own_tiles(scenes):
     engine = Engine()
     results = SceneEncoder(engine).run(scenes)
-    assert engine.calls == 1 and [len(r.outputs) for r in results] == [tiles(s) for s in scenes] == [1, 2, 4]
+    assert engine.calls == 1 and [len(r.outputs) for r in results] == [tiles(s) for s in scenes] == [1, 6, 9]
     for scene, result in zip(scenes, results):
         expected = from_wire(scene["tiles"]["pixel_values"])[:, :1]
         assert all(torch.equal(out, exp) for out, exp in zip(result.outputs, expected))

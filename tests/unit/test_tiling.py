@@ -200,7 +200,8 @@ def test_from_config_shorthands_and_defaults() -> None:
     assert (config.h_crop, config.w_crop, config.h_stride, config.w_stride) == (512, 256, 512, 256)
     config = tiling_from_config({"h_crop": 128, "w_crop": 96}, (512, 512))
     assert (config.h_stride, config.w_stride) == (128, 96)
-    assert tiling_from_config({"padding": False}, (8, 8)).padding == "constant"
+    # The grid's meaning of padding=False (zeros); the terratorch scheme's: test_tiling_terratorch.py.
+    assert tiling_from_config({"padding": False, "scheme": "grid"}, (8, 8)).padding == "constant"
     assert tiling_from_config({"padding": True}, (8, 8)).padding == "reflect"
 
 

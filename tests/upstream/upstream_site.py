@@ -1,6 +1,6 @@
 """What upstream's tests download, built locally: a tiny Sen1Floods11-style Prithvi model folder,
 scenes like upstream's test images, a loopback HTTP server for them, and each scene's expected
-output computed without our package (plain PyTorch sliding window over TerraTorch's own Sen1Floods11
+output computed without our package (TerraTorch's own tiled inference over TerraTorch's own Sen1Floods11
 statistics, written with TerraTorch's own segmentation writer), so a hash can be compared as
 upstream's tests compare theirs."""
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from reference import sliding_window, terratorch_location_coords, terratorch_predict_inputs  # noqa: E402
+from reference import terratorch_location_coords, terratorch_predict_inputs, terratorch_tiled  # noqa: E402
 
 from vllm_terratorch.testing.samples import (  # noqa: E402
     BANDS,
@@ -94,7 +94,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 def reference_classes(path: Path, indices: list[int] | None = None) -> np.ndarray:
-    """The class mask a correct server returns for `path`, from plain PyTorch."""
+    """The class mask a correct server returns for `path`, TerraTorch's own normalisation statistics and tiled inference."""
     import rasterio
     from terratorch.datamodules.sen1floods11 import MEANS, STDS
 
@@ -117,13 +117,14 @@ def reference_classes(path: Path, indices: list[int] | None = None) -> np.ndarra
     # Without oneDNN: on CPUs with AMX (seen on Sapphire Rapids, torch 2.13) its ConvTranspose2d for
     # a batch of one is off by ~1e-2, which flips near-tie pixels; PyTorch's own kernels are exact.
     with torch.backends.mkldnn.flags(enabled=False):
-        logits = sliding_window(image, tiling["h_crop"], tiling["h_stride"], lambda tile: network(tile, location_coords=coords).output[0])
+        logits = terratorch_tiled(image, tiling["h_crop"], tiling["h_stride"],
+                                  lambda tiles: network(tiles, location_coords=coords.expand(len(tiles), -1)).output)
     return logits.argmax(axis=0)
 
 
 def tm_reference_classes(media: Path, files: dict[str, str], scratch: Path) -> np.ndarray:
     """The class mask a correct server returns for a TerraMind scene, without our package:
-    TerraTorch's own datamodule on a folder of modality folders, then a plain sliding window
+    TerraTorch's own datamodule on a folder of modality folders, then TerraTorch's own tiled inference
     (the modalities side by side as channels, split again for the network's dict input)."""
     import shutil
 
@@ -138,11 +139,11 @@ def tm_reference_classes(media: Path, files: dict[str, str], scratch: Path) -> n
     network = build_sample_task(cfg).model
     tiling = cfg["model"]["init_args"]["tiled_inference_parameters"]
 
-    def predict(tile: torch.Tensor) -> torch.Tensor:
-        return network({m: tile[:, bounds[i]:bounds[i + 1]] for i, m in enumerate(order)}).output[0]
+    def predict(tiles: torch.Tensor) -> torch.Tensor:
+        return network({m: tiles[:, bounds[i]:bounds[i + 1]] for i, m in enumerate(order)}).output
 
     with torch.backends.mkldnn.flags(enabled=False):
-        logits = sliding_window(image, tiling["h_crop"], tiling["h_stride"], predict)
+        logits = terratorch_tiled(image, tiling["h_crop"], tiling["h_stride"], predict)
     return logits.argmax(axis=0)
 
 

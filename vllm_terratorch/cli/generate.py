@@ -161,6 +161,14 @@ def _infer_size(init_args: dict[str, Any], model_args: dict[str, Any], data_args
     return [DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE], why
 
 
+def trains_without_coordinates(ttconfig: Mapping[str, Any]) -> bool:
+    """Whether the YAML fine-tunes on one of TerraTorch's generic datamodules, which yield images
+    and labels only: the network never saw coordinates, and serving them changes its outputs from
+    what `terratorch predict` gives (Prithvi skips its coordinate embedding without them)."""
+    datamodule = str(_section(ttconfig, "data").get("class_path", ""))
+    return datamodule.rsplit(".", 1)[-1].startswith("Generic")
+
+
 def infer_input_spec(ttconfig: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """An input spec guessed from the YAML, and one note per decision saying where it came from.
 
@@ -184,15 +192,12 @@ def infer_input_spec(ttconfig: Mapping[str, Any]) -> tuple[dict[str, Any], list[
     backbone = backbone if isinstance(backbone, str) else ""
     encoding = model_args.get("backbone_coords_encoding")
     encoding = [str(e) for e in encoding] if isinstance(encoding, list) else []
+    # Declared even for a fine-tune that never saw them, as upstream's published configs of _tl
+    # fine-tunes do (the mission's declares location_coords), but then said, with the way out.
     datamodule = str(_section(ttconfig, "data").get("class_path", ""))
-    # TerraTorch's generic datamodules yield images and labels only: a network fine-tuned with one
-    # never saw coordinates, and serving them changes its outputs from what `terratorch predict`
-    # gives (Prithvi skips its coordinate embedding without them). Declared all the same, as
-    # upstream's published configs of _tl fine-tunes do (the mission's declares location_coords),
-    # but said, with the way out.
-    untold = datamodule.rsplit(".", 1)[-1].startswith("Generic")
     skew = (f"; note: {datamodule} gives the model no coordinates in training, so outputs will differ from "
-            "`terratorch predict`'s (pass the input spec with -i, without them, for the same outputs)") if untold else ""
+            "`terratorch predict`'s (pass the input spec with -i, without them, for the same outputs)"
+            ) if trains_without_coordinates(ttconfig) else ""
     if backbone.endswith("_tl") or "location" in encoding:
         data["location_coords"] = {"type": tensor, "shape": [1, 2]}
         why = f"backbone {backbone} ends with _tl" if backbone.endswith("_tl") else "backbone_coords_encoding has location"

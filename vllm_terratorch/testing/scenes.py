@@ -24,7 +24,8 @@ def coarse_tile_cfg(tile: int = 512) -> dict[str, Any]:
     model_args = cfg["model"]["init_args"]["model_args"]
     model_args["backbone_depth"] = 1
     model_args["necks"][0]["indices"] = [0, 0, 0, 0]
-    cfg["model"]["init_args"]["tiled_inference_parameters"] = {"h_crop": tile, "w_crop": tile}
+    # The strides said: left out, TerraTorch's (and so our) default is 192, overlapping tiles.
+    cfg["model"]["init_args"]["tiled_inference_parameters"] = {"h_crop": tile, "w_crop": tile, "h_stride": tile, "w_stride": tile}
     return cfg
 
 
