@@ -61,6 +61,18 @@ def compile_mode() -> str | None:
 FLOAT32_PRECISIONS = ("highest", "high", "medium")
 
 
+def submissions_per_turn(default: int) -> int:
+    """VLLM_TERRATORCH_SUBMISSIONS_PER_TURN (default `default`, engine/pacing.py's): how many of a
+    request's tiles enter the engine per event-loop turn of the API server; 0 turns the pacing off
+    (vLLM's own behaviour: all of a request's tiles in one turn, the loop deaf meanwhile)."""
+    value = (os.environ.get("VLLM_TERRATORCH_SUBMISSIONS_PER_TURN") or "").strip()
+    if not value:
+        return default
+    if not value.isdigit():
+        raise ConfigError(f"VLLM_TERRATORCH_SUBMISSIONS_PER_TURN={value!r} is not a whole number >= 0 (0: no pacing)")
+    return int(value)
+
+
 def float32_matmul_precision() -> str:
     """VLLM_FLOAT32_MATMUL_PRECISION (vLLM's own variable, default `highest`): PyTorch's float32
     matmul precision for the served model. vLLM's workers set it at start; we set it again after

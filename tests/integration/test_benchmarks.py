@@ -97,6 +97,20 @@ def assert_level_schema(level):
     assert probe["latency_s"]["n"] >= 1 and {"p50", "p95", "max"} <= set(probe["latency_s"])
 
 
+def test_online_burst_smoke(tmp_path):
+    """A large scene with small requests beside it, on a paced and an unpaced server: both answer
+    everything (schema only, no timing asserts)."""
+    run("online_burst.py", "--big", "256", "--small-requests", "3", "--repeats", "1",
+        "--work-dir", str(tmp_path / "work"), "--output", str(tmp_path))
+    results = json.loads((tmp_path / "online-burst.json").read_text())
+    assert set(results["settings"]) == set(results["paths"]) == {"paced", "unpaced"}
+    assert results["settings"]["unpaced"]["VLLM_TERRATORCH_SUBMISSIONS_PER_TURN"] == "0"
+    for setting in results["settings"].values():
+        (burst,) = setting["bursts"]
+        assert burst["big_ok"] and burst["small"] == {**burst["small"], "requests": 3, "errors": 0}
+        assert burst["health"]["failures"] == 0 and burst["health"]["latency_s"]["n"] >= 1
+
+
 def test_scenes_smoke(tmp_path):
     """benchmarks/scenes.py (#18): one small scene streamed and held whole, the same classes."""
     run("scenes.py", "--sizes", "1100", "--whole-up-to", "1100", "--work-dir", str(tmp_path / "work"), "--output", str(tmp_path))

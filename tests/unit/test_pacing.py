@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import gc
 
+import pytest
+
 from vllm_terratorch.engine.pacing import SubmissionPacer, _pacers, pacer_for
 
 
@@ -94,3 +96,16 @@ def test_one_pacer_per_loop_and_none_kept_after_it():
     asyncio.run(current())
     gc.collect()
     assert len(_pacers) == 0  # a closed loop takes its pacer with it
+
+
+def test_the_turn_size_comes_from_the_environment(monkeypatch):
+    from vllm_terratorch import envs
+    from vllm_terratorch.errors import ConfigError
+
+    monkeypatch.delenv("VLLM_TERRATORCH_SUBMISSIONS_PER_TURN", raising=False)
+    assert envs.submissions_per_turn(32) == 32
+    monkeypatch.setenv("VLLM_TERRATORCH_SUBMISSIONS_PER_TURN", "0")
+    assert envs.submissions_per_turn(32) == 0  # off: vLLM's own behaviour
+    monkeypatch.setenv("VLLM_TERRATORCH_SUBMISSIONS_PER_TURN", "many")
+    with pytest.raises(ConfigError, match="SUBMISSIONS_PER_TURN='many' is not a whole number"):
+        envs.submissions_per_turn(32)

@@ -78,9 +78,9 @@ class SubmissionPacer:
 _pacers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SubmissionPacer] = weakref.WeakKeyDictionary()
 
 
-def pacer_for(loop: asyncio.AbstractEventLoop) -> SubmissionPacer:
+def pacer_for(loop: asyncio.AbstractEventLoop, per_turn: int = SUBMISSIONS_PER_TURN) -> SubmissionPacer:
     """The running loop's pacer (one loop per API-server process; a new loop gets a new one)."""
     pacer = _pacers.get(loop)
     if pacer is None:
-        pacer = _pacers[loop] = SubmissionPacer(loop)
+        pacer = _pacers[loop] = SubmissionPacer(loop, per_turn)
     return pacer

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from vllm_terratorch import envs
 from vllm_terratorch.engine.compat.patching import wrap_once
 
 # Chunks of one streamed request in the engine at once: one being computed while the next is queued.
@@ -149,9 +150,13 @@ def pace_engine_submissions() -> None:
     """Make each `AsyncLLM.add_request` (vLLM 0.26 and 0.32, an async method) wait for its turn
     of the running loop's `SubmissionPacer` first (engine/pacing.py says why). Applied in the API
     server, where vLLM has imported `vllm.v1.engine.async_llm` by the time our processor is
-    created; the offline `LLM` has no event loop to protect, and nothing is wrapped there."""
-    from vllm_terratorch.engine.pacing import pacer_for
+    created; the offline `LLM` has no event loop to protect, and nothing is wrapped there.
+    VLLM_TERRATORCH_SUBMISSIONS_PER_TURN sets the turn's size; 0 leaves vLLM's behaviour (envs.py)."""
+    from vllm_terratorch.engine.pacing import SUBMISSIONS_PER_TURN, pacer_for
 
+    per_turn = envs.submissions_per_turn(SUBMISSIONS_PER_TURN)
+    if per_turn == 0:
+        return
     module = sys.modules.get("vllm.v1.engine.async_llm")
     AsyncLLM = getattr(module, "AsyncLLM", None)  # noqa: N806 - a class
     if AsyncLLM is None or not inspect.iscoroutinefunction(getattr(AsyncLLM, "add_request", None)):
@@ -159,7 +164,7 @@ def pace_engine_submissions() -> None:
 
     def wrap(current: Callable[..., Any]) -> Callable[..., Any]:
         async def add_request(self: Any, *args: Any, **kwargs: Any) -> Any:
-            await pacer_for(asyncio.get_running_loop()).turn()
+            await pacer_for(asyncio.get_running_loop(), per_turn).turn()
             return await current(self, *args, **kwargs)
 
         return add_request
