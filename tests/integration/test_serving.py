@@ -8,6 +8,7 @@ import functools
 import http.server
 import io
 import json
+import re
 import threading
 
 import numpy as np
@@ -157,3 +158,7 @@ def test_log_names_our_classes(server):
     assert "IO processor terratorch_segmentation is served by vllm_terratorch.io.processor.SegmentationProcessor" in log
     assert "architecture Terratorch is served by vllm_terratorch.engine.model:TerratorchModel" in log
     assert requests.get(f"{server.url}/health", timeout=5).status_code == 200
+    # vLLM's loader timed our weight loading from a clock origin (compat.time_weight_loading):
+    # "Loading weights took 5858.99 seconds" for a tiny model; now the load itself.
+    (took,) = re.findall(r"Loading weights took ([0-9.]+) seconds", log)
+    assert float(took) < 60, took

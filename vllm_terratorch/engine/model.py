@@ -30,7 +30,7 @@ from vllm_terratorch.core.forward import ForwardPlan, identical_requests, one_ro
 from vllm_terratorch.core.hub import resolve_model_dir
 from vllm_terratorch.core.kernels import float32_where_low_precision_fails
 from vllm_terratorch.core.weights import load_folder_weights
-from vllm_terratorch.engine.compat import gpu_sync_allowed, skip_encoder_profiling
+from vllm_terratorch.engine.compat import gpu_sync_allowed, skip_encoder_profiling, time_weight_loading
 from vllm_terratorch.core.inputs import MODALITY
 from vllm_terratorch.engine.multimodal import (
     TerratorchDummyInputsBuilder,
@@ -66,6 +66,7 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
 
     supports_multimodal_raw_input_only = True
     is_pooling_model = True
+    reads_its_own_weights = True  # load_weights never reads vLLM's iterator (compat.time_weight_loading)
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
@@ -85,6 +86,7 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
         self.plan = ForwardPlan.for_network(self.pretrained_cfg.input, self.network)
         self.pooler = CroppingPooler()
         skip_encoder_profiling(vllm_config)
+        time_weight_loading()
         mode = envs.compile_mode()
         self.compiled = CompiledForward(self.network, mode, vllm_config.scheduler_config.max_num_seqs) if mode else None
         self._output_shape: tuple[int, ...] | None = None  # of the last successful forward

@@ -196,6 +196,32 @@ def limit_step_size(scheduler_config: Any, seconds_per_request: float) -> None:
     scheduler_config.max_num_seqs = fitting
 
 
+def time_weight_loading() -> None:
+    """Start vLLM's "Loading weights took X seconds" clock when its loader hands weights to our model.
+
+    vLLM's `DefaultModelLoader` (0.26 and 0.32) records the start when its weights iterator is first
+    read. Our model reads its folder itself (every format, strict check) and never reads that
+    iterator (`TerratorchModel.load_weights`), so the start stayed 0.0 and the log reported the
+    time since an arbitrary clock origin (seen: "Loading weights took 5858.99 seconds" for a
+    model that loaded in milliseconds). Models that read the iterator (`reads_its_own_weights`
+    false) keep vLLM's clock. Installed when our model is built: vLLM has imported the loader then.
+    """
+    import time
+
+    module = sys.modules.get("vllm.model_executor.model_loader.default_loader")
+    loader = getattr(module, "DefaultModelLoader", None)
+
+    def wrap(current: Callable[..., Any]) -> Callable[..., Any]:
+        def load_weights(self: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
+            if getattr(model, "reads_its_own_weights", False) and getattr(self, "counter_before_loading_weights", None) == 0.0:
+                self.counter_before_loading_weights = time.perf_counter()
+            return current(self, model, *args, **kwargs)
+
+        return load_weights
+
+    wrap_once(loader, "load_weights", wrap)
+
+
 def skip_encoder_profiling(vllm_config: Any) -> None:
     """Turn off vLLM's multimodal-encoder profiling for our model; the forward profile stays.
 
