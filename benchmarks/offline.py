@@ -1,10 +1,13 @@
 """Offline throughput: our backend vs a plain batched PyTorch forward vs the in-tree vLLM model.
 
 One process, the same inputs and weights for every path, warm-up excluded, several repetitions
-(median and spread). Writes `<output>/offline-<model>-<dtype>.json` and `.png`.
+(median and spread). `--rounds N` runs the paths N times, every other round in reverse order, and
+pools the rounds: on a shared machine whose speed drifts, the drift then falls on every path alike
+instead of on whichever ran last. Writes `<output>/offline-<model>-<dtype>.json` and `.png`.
 
     python benchmarks/offline.py --model tiny                       # CPU smoke (seconds)
     python benchmarks/offline.py --model prithvi300 --image-size 512 --dtype bfloat16 --batch-size 8
+    python benchmarks/offline.py --model tiny --image-size 224 --batch-size 16 --paths raw,raw-bound,ours --rounds 4
 
 Paths: `raw` (the network alone, at every core: the plain PyTorch loop a user would run instead),
 `raw-bound` (CPU: the same forward in a child process with exactly the OpenMP environment vLLM's
@@ -173,7 +176,7 @@ def time_raw_bound(argv: list[str], folder: Path, dtype: str) -> tuple[dict[str,
     environment = worker_omp_environment(folder, dtype)
     threads = environment.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     with tempfile.TemporaryDirectory(prefix="raw-bound-") as scratch:
-        command = [sys.executable, __file__, *argv, "--paths", "raw", "--raw-threads", threads, "--output", scratch]
+        command = [sys.executable, __file__, *argv, "--paths", "raw", "--raw-threads", threads, "--rounds", "1", "--output", scratch]
         result = subprocess.run(command, env={**os.environ, **environment}, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"the bound raw run failed: {result.stderr[-1500:]}")
@@ -313,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="run the paths this many times, every other round in reverse order (A B, B A, ...), each "
+        "with --repeats timed calls: slow drift of a shared machine then falls on every path alike",
+    )
+    parser.add_argument(
         "--paths", default="raw,ours,intree",
         help="comma-separated subset of raw,raw-bound,adapter,ours,graphs,intree,compiled[=MODE],adapter-compiled[=MODE]",
     )
@@ -353,38 +361,58 @@ def main(argv: list[str] | None = None) -> int:
         "plot_metric": "images_per_s", "paths": {},
     }
     outputs: dict[str, list[torch.Tensor]] = {}
-    for path in tqdm(paths, desc="paths", unit="path"):
-        name, _, mode = path.partition("=")
-        compile_mode = (mode or args.compile_mode) if name.endswith("compiled") else None
-        try:
-            if name == "raw-bound":
-                if device != "cpu":
-                    raise RuntimeError("raw-bound is a CPU path (vLLM's CPU executor binding)")
-                # The child takes this run's arguments with its own --paths/--raw-threads/--output after them.
-                entry, environment = time_raw_bound(given, folder, args.dtype)
-                results["paths"][path] = entry | {"omp_environment": environment}
-                continue
-            if name == "raw":
-                with torch_threads(raw_threads):
-                    seconds, outputs[path], first_pass = time_raw(cfg, inputs, args.batch_size, DTYPES[args.dtype], device, args.repeats)
-            elif name in ("adapter", "adapter-compiled"):
-                with torch_threads(raw_threads):
-                    seconds, outputs[path], first_pass = time_adapter(
-                        folder, inputs, args.batch_size, DTYPES[args.dtype], device, args.repeats, compile_mode
+    samples: dict[str, list[list[float]]] = {}  # by path: each round's timed seconds
+    first_passes: dict[str, float] = {}
+    extras: dict[str, dict[str, Any]] = {}
+    failed: dict[str, dict[str, str]] = {}
+    for round_index in range(args.rounds):
+        order = paths if round_index % 2 == 0 else paths[::-1]
+        for path in tqdm(order, desc=f"paths, round {round_index + 1}/{args.rounds}", unit="path"):
+            if path in failed:
+                continue  # failed in an earlier round
+            name, _, mode = path.partition("=")
+            compile_mode = (mode or args.compile_mode) if name.endswith("compiled") else None
+            try:
+                if name == "raw-bound":
+                    if device != "cpu":
+                        raise RuntimeError("raw-bound is a CPU path (vLLM's CPU executor binding)")
+                    # The child takes this run's arguments with its own --paths/--raw-threads/--output after them.
+                    entry, environment = time_raw_bound(given, folder, args.dtype)
+                    seconds, first_pass = entry["seconds_samples"], entry["first_pass_s"]
+                    extras[path] = {"omp_environment": environment}
+                elif name == "raw":
+                    with torch_threads(raw_threads):
+                        seconds, outputs[path], first_pass = time_raw(cfg, inputs, args.batch_size, DTYPES[args.dtype], device, args.repeats)
+                elif name in ("adapter", "adapter-compiled"):
+                    with torch_threads(raw_threads):
+                        seconds, outputs[path], first_pass = time_adapter(
+                            folder, inputs, args.batch_size, DTYPES[args.dtype], device, args.repeats, compile_mode
+                        )
+                else:
+                    seconds, outputs[path], first_pass = time_engine(
+                        folder, inputs, args.batch_size, args.dtype, args.repeats, name, compile_mode
                     )
-            else:
-                seconds, outputs[path], first_pass = time_engine(
-                    folder, inputs, args.batch_size, args.dtype, args.repeats, name, compile_mode
-                )
-        except Exception as error:  # noqa: BLE001 - a path that cannot run is reported, not fatal
-            results["paths"][path] = {"error": f"{type(error).__name__}: {error}"[:2000]}
+            except Exception as error:  # noqa: BLE001 - a path that cannot run is reported, not fatal
+                failed[path] = {"error": f"{type(error).__name__}: {error}"[:2000]}
+                continue
+            samples.setdefault(path, []).append(list(seconds))
+            first_passes.setdefault(path, first_pass)
+            if compile_mode:
+                extras.setdefault(path, {})["compile_mode"] = compile_mode
+    for path in paths:
+        if path in failed:
+            results["paths"][path] = failed[path]
             continue
+        every = [value for round_seconds in samples[path] for value in round_seconds]
         results["paths"][path] = {
-            "seconds": summary(seconds),
-            "images_per_s": summary([args.num_images / s for s in seconds]),
-            # The untimed warm-up pass: for adapter-compiled this includes compiling its batch size.
-            "first_pass_s": first_pass,
-            **({"compile_mode": compile_mode} if compile_mode else {}),
+            "seconds": summary(every),
+            "seconds_samples": every,
+            "images_per_s": summary([args.num_images / s for s in every]),
+            # The untimed warm-up pass (of the first round): for adapter-compiled this includes compiling its batch size.
+            "first_pass_s": first_passes[path],
+            **({"rounds_images_per_s_median": [summary([args.num_images / s for s in r])["median"] for r in samples[path]]}
+               if args.rounds > 1 else {}),
+            **extras.get(path, {}),
         }
     if args.profile:
         with torch_threads(raw_threads):
