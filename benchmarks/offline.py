@@ -10,9 +10,11 @@ instead of on whichever ran last. Writes `<output>/offline-<model>-<dtype>.json`
     python benchmarks/offline.py --model tiny --image-size 224 --batch-size 16 --paths raw,raw-bound,ours --rounds 4
 
 Paths: `raw` (the network alone, at every core: the plain PyTorch loop a user would run instead),
-`raw-bound` (CPU: the same forward in a child process with exactly the OpenMP environment vLLM's
-CPU executor gives its worker for this model, thread count and core binding), `adapter` (our
-model path without vLLM: runs where vLLM is not installed), `ours` (`LLM.encode` through our backend),
+`raw-bound` (CPU: the same forward in a child process started with the environment vLLM gives the
+engine's worker for this model: its LD_PRELOAD, and with a separate worker process its OpenMP
+thread count and core binding), `adapter` (our model path without vLLM: runs where vLLM is not
+installed), `ours` (`LLM.encode` through our backend), `ours-mp` (the same with vLLM's separate
+worker process, `distributed_executor_backend="mp"`),
 `graphs` (`ours` without `enforce_eager`), `intree` (vLLM's own class), and the opt-in
 compiled forward, `adapter-compiled` (no vLLM) and `compiled` (engine). A compiled path takes a
 torch.compile mode after `=`, e.g. `--paths raw,adapter,adapter-compiled=reduce-overhead`
@@ -52,7 +54,7 @@ MODELS: dict[str, dict[str, Any]] = {
     "tiny": {"backbone": "prithvi_eo_v2_tiny_tl", "indices": [1, 3, 5, 11], "decoder_channels": 16, "image_size": 64},
     "prithvi300": {"backbone": "prithvi_eo_v2_300_tl", "indices": [5, 11, 17, 23], "decoder_channels": 256, "image_size": 512},
 }
-PATHS = ("raw", "raw-bound", "adapter", "ours", "graphs", "intree", "compiled", "adapter-compiled")
+PATHS = ("raw", "raw-bound", "adapter", "ours", "ours-mp", "graphs", "intree", "compiled", "adapter-compiled")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -155,25 +157,32 @@ def time_raw(cfg: dict[str, Any], inputs: list[dict[str, torch.Tensor]], batch: 
     return timed(batched(raw_forward(cfg, inputs, dtype, device), len(inputs), batch, device), repeats)
 
 
-def worker_omp_environment(folder: Path, dtype: str) -> dict[str, str]:
-    """The OpenMP variables vLLM's CPU executor sets for its worker serving `folder` (thread count,
-    binding: `OMP_PLACES`/`OMP_PROC_BIND`, or KMP/GOMP affinity when those runtimes are preloaded),
-    computed by vLLM's own `OMPProcessManager` with our backend's defaults in effect."""
+def worker_environment(folder: Path, dtype: str) -> dict[str, str]:
+    """What vLLM puts in the environment of the process that runs the engine's worker for `folder`,
+    beyond this process's own: its `LD_PRELOAD` (tcmalloc, libgomp: set while the config is built,
+    inherited by every engine process it starts) and, where the worker has its own process (`mp`),
+    that process's OpenMP thread count and binding (`OMP_PLACES`/`OMP_PROC_BIND`, or KMP/GOMP
+    affinity), computed by vLLM's own `OMPProcessManager`. With our CPU default (the worker inside
+    the engine-core process, engine/compat.worker_in_engine_process) there is no binding."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.ompmultiprocessing import OMPProcessManager
 
     config = EngineArgs(model=str(folder), model_impl="terratorch", skip_tokenizer_init=True, dtype=dtype).create_engine_config()
-    before = dict(os.environ)
+    preload = {"LD_PRELOAD": os.environ["LD_PRELOAD"]} if os.environ.get("LD_PRELOAD") else {}
+    if config.parallel_config.distributed_executor_backend != "mp":
+        return preload
+    configured = dict(os.environ)
     with OMPProcessManager(config).configure_omp_envs(0, 0):
-        return {name: value for name, value in os.environ.items() if before.get(name) != value}
+        return preload | {name: value for name, value in os.environ.items() if configured.get(name) != value}
 
 
 def time_raw_bound(argv: list[str], folder: Path, dtype: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """`raw` in a child process started with the worker's OpenMP environment (it must be in place
-    before the OpenMP runtime starts, so not in this process): its timing entry and that environment."""
+    """`raw` in a child process started with the environment of the engine's worker (it must be in
+    place before the allocator and the OpenMP runtime start, so not in this process): its timing
+    entry and that environment."""
     import tempfile
 
-    environment = worker_omp_environment(folder, dtype)
+    environment = worker_environment(folder, dtype)
     threads = environment.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     with tempfile.TemporaryDirectory(prefix="raw-bound-") as scratch:
         command = [sys.executable, __file__, *argv, "--paths", "raw", "--raw-threads", threads, "--rounds", "1", "--output", scratch]
@@ -268,7 +277,8 @@ def profile_forward(
 def time_engine(
     folder: Path, inputs: list[dict[str, torch.Tensor]], batch: int, dtype: str, repeats: int, path: str, compile_mode: str | None = None,
 ) -> Timing:
-    """`LLM.encode` through our backend (`ours`), the same without `enforce_eager` (`graphs`: vLLM's
+    """`LLM.encode` through our backend (`ours`), the same with vLLM's own worker process (`ours-mp`:
+    `distributed_executor_backend="mp"`, which our CPU default replaces), the same without `enforce_eager` (`graphs`: vLLM's
     CUDA-graph default, which our backend turns into an eager forward, engine/compat.eager_forward),
     our backend with the opt-in compiled forward (`compiled`), or vLLM's own class (`intree`)."""
     from vllm import LLM
@@ -286,6 +296,7 @@ def time_engine(
         llm = LLM(
             model=str(folder), model_impl="terratorch", skip_tokenizer_init=True, enforce_eager=path != "graphs",
             enable_mm_embeds=True, dtype=dtype, max_num_seqs=batch, gpu_memory_utilization=0.2 if not torch.cuda.is_available() else 0.8,
+            **({"distributed_executor_backend": "mp"} if path == "ours-mp" else {}),
         )
     finally:
         ModelRegistry.models["Terratorch"] = saved_entry
@@ -322,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--paths", default="raw,ours,intree",
-        help="comma-separated subset of raw,raw-bound,adapter,ours,graphs,intree,compiled[=MODE],adapter-compiled[=MODE]",
+        help="comma-separated subset of raw,raw-bound,adapter,ours,ours-mp,graphs,intree,compiled[=MODE],adapter-compiled[=MODE]",
     )
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of a compiled path named without one")
     parser.add_argument("--profile", action="store_true", help="profile one batch of the raw path: where its time goes")
@@ -375,11 +386,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if name == "raw-bound":
                     if device != "cpu":
-                        raise RuntimeError("raw-bound is a CPU path (vLLM's CPU executor binding)")
+                        raise RuntimeError("raw-bound is a CPU path (the environment of vLLM's CPU worker)")
                     # The child takes this run's arguments with its own --paths/--raw-threads/--output after them.
                     entry, environment = time_raw_bound(given, folder, args.dtype)
                     seconds, first_pass = entry["seconds_samples"], entry["first_pass_s"]
-                    extras[path] = {"omp_environment": environment}
+                    extras[path] = {"worker_environment": environment}
                 elif name == "raw":
                     with torch_threads(raw_threads):
                         seconds, outputs[path], first_pass = time_raw(cfg, inputs, args.batch_size, DTYPES[args.dtype], device, args.repeats)
@@ -441,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         raw_rate = results["paths"]["raw"]["images_per_s"]["median"]
         timed_paths = [path for path, entry in results["paths"].items() if path != "raw" and "images_per_s" in entry]
         results["ratios_vs_raw"] = {path: results["paths"][path]["images_per_s"]["median"] / raw_rate for path in timed_paths}
-        if "images_per_s" in results["paths"].get("raw-bound", {}):  # equal compute: the engine worker's threads and binding
+        if "images_per_s" in results["paths"].get("raw-bound", {}):  # equal compute: the engine worker's environment
             bound_rate = results["paths"]["raw-bound"]["images_per_s"]["median"]
             results["ratios_vs_raw_bound"] = {
                 path: results["paths"][path]["images_per_s"]["median"] / bound_rate for path in timed_paths if path != "raw-bound"

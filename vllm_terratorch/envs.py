@@ -108,6 +108,15 @@ def reserve_no_cpu_for_the_scheduler() -> bool:
     return True
 
 
+CPU_THREADS_BIND = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM's: the cores its CPU worker's OpenMP threads are bound to
+
+
+def cpu_threads_bound_by_user() -> bool:
+    """VLLM_CPU_OMP_THREADS_BIND (vLLM's own variable) set by the user: then vLLM's worker process and
+    its binding are kept for a Terratorch model on CPU (engine/compat.worker_in_engine_process)."""
+    return bool((os.environ.get(CPU_THREADS_BIND) or "").strip())
+
+
 GDAL_CACHE = "GDAL_CACHEMAX"
 # `predict`'s GDAL block cache per process (MB) unless the user set GDAL_CACHEMAX: GDAL's own default
 # is 5 % of RAM per process, which windowed reads of a large scene fill in every worker.

@@ -78,7 +78,12 @@ def kind_for_task(class_path: str) -> TaskKind | None:
 
 def register() -> None:
     """Make our class serve `Terratorch` and our processors answer to their names, in this process."""
-    from vllm_terratorch.engine.compat import eager_forward, steps_within_the_execute_timeout, terratorch_cpu_defaults
+    from vllm_terratorch.engine.compat import (
+        eager_forward,
+        steps_within_the_execute_timeout,
+        terratorch_cpu_defaults,
+        worker_in_engine_process,
+    )
     from vllm_terratorch.log import attach_to_vllm_logging
 
     attach_to_vllm_logging()
@@ -86,6 +91,7 @@ def register() -> None:
         logger.info("vllm-terratorch: architecture %s is served by %s", ARCHITECTURE, MODEL_CLASS)
     claim_io_processors(IO_PROCESSORS)
     terratorch_cpu_defaults()
+    worker_in_engine_process()
     eager_forward()
     steps_within_the_execute_timeout()
 

@@ -141,3 +141,48 @@ def test_other_architectures_keep_vllms_graphs():
     vllm_terratorch.register()
     assert getattr(MODELS_CONFIG_MAP[ARCHITECTURE], GUARD_MARK, False)
     assert not [name for name, entry in MODELS_CONFIG_MAP.items() if name != ARCHITECTURE and getattr(entry, GUARD_MARK, False)]
+
+
+@pytest.mark.parametrize(
+    ("given", "bind", "expected"),
+    [
+        ({}, None, "uni"),  # the mission's line: the worker runs inside the engine-core process
+        ({"distributed_executor_backend": "uni"}, None, "uni"),
+        ({"distributed_executor_backend": "mp"}, None, "mp"),  # asked for: vLLM's worker process
+        ({}, "auto", "mp"),  # a binding the user asked for needs vLLM's worker process
+        ({}, "0-1", "mp"),
+    ],
+)
+def test_the_cpu_worker_runs_in_the_engine_core_process(tmp_path, monkeypatch, given, bind, expected):
+    """vLLM's CPU platform turns `uni` into `mp` when the engine core has its own process; for a
+    Terratorch model it stays `uni` (engine/compat.worker_in_engine_process) unless the user chose."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_terratorch.envs import CPU_THREADS_BIND
+    from vllm_terratorch.testing.samples import write_model_folder
+
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)  # vLLM's default: an engine-core process
+    monkeypatch.delenv(CPU_THREADS_BIND, raising=False)
+    if bind is not None:
+        monkeypatch.setenv(CPU_THREADS_BIND, bind)
+    folder = write_model_folder(tmp_path / "model", CFG)
+    config = EngineArgs(model=str(folder), model_impl="terratorch", skip_tokenizer_init=True, **given).create_engine_config()
+    assert config.parallel_config.distributed_executor_backend == expected
+
+
+def test_other_architectures_keep_vllms_worker_process(tmp_path, monkeypatch):
+    """The same platform check on the same config, but for another architecture: vLLM's `mp` stays."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+
+    from vllm_terratorch.envs import CPU_THREADS_BIND
+    from vllm_terratorch.testing.samples import write_model_folder
+
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    monkeypatch.delenv(CPU_THREADS_BIND, raising=False)
+    folder = write_model_folder(tmp_path / "model", CFG)
+    config = EngineArgs(model=str(folder), model_impl="terratorch", skip_tokenizer_init=True).create_engine_config()
+    config.parallel_config.distributed_executor_backend = "uni"
+    config.model_config.hf_config.architectures = ["BertModel"]
+    current_platform.check_and_update_config(config)
+    assert config.parallel_config.distributed_executor_backend == "mp"

@@ -130,6 +130,17 @@ def test_the_forward_gets_every_cpu_core_by_default(server):
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU=0" in log
 
 
+def test_the_forward_runs_in_the_engine_core_process(server):
+    """The documented line on CPU starts two processes, not three: the API server and vLLM's engine
+    core, whose worker runs our forward (engine/compat.worker_in_engine_process; logged)."""
+    import psutil
+
+    assert "runs inside vLLM's engine-core process" in server.log()
+    commands = [" ".join(child.cmdline()) for child in psutil.Process(server.process.pid).children(recursive=True)]
+    assert any("EngineCore" in command for command in commands), commands
+    assert not any("VLLM::Worker" in command for command in commands), commands
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [

@@ -22,11 +22,13 @@ from vllm_terratorch.engine.compat.engine import (
     steps_within_the_execute_timeout,
     terratorch_cpu_defaults,
     time_weight_loading,
+    worker_in_engine_process,
 )
 from vllm_terratorch.engine.compat.serving import STREAM_LOOKAHEAD, pace_engine_submissions, preprocess_off_the_event_loop, stream_large_requests
 
 __all__ = [
     "GUARD_MARK", "MEASURED_BATCH", "STEP_TIME_SHARE", "STREAM_LOOKAHEAD", "eager_forward", "gpu_sync_allowed", "limit_step_size",
     "mm_hashes", "pace_engine_submissions", "preprocess_off_the_event_loop", "skip_encoder_profiling",
-    "steps_within_the_execute_timeout", "stream_large_requests", "terratorch_cpu_defaults", "time_weight_loading", "wrap_once",
+    "steps_within_the_execute_timeout", "stream_large_requests", "terratorch_cpu_defaults", "time_weight_loading", "worker_in_engine_process",
+    "wrap_once",
 ]

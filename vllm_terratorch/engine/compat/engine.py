@@ -69,6 +69,57 @@ def terratorch_cpu_defaults() -> None:
     wrap_once(model_config, "_get_and_verify_dtype", wrap)
 
 
+def worker_in_engine_process() -> None:
+    """On CPU, a Terratorch model's worker runs inside vLLM's engine-core process, not a third one.
+
+    vLLM's CPU platform turns a single worker's `uni` executor into `mp` whenever the engine core
+    has its own process (always for `vllm serve`, by default for `LLM`), so that its worker process
+    can start with vLLM's OpenMP binding in its environment. For our model that costs more than it
+    gives: one more process to start, every step's inputs and outputs copied through a
+    shared-memory queue, and the binding itself pins every thread the worker starts (the engine's
+    own included) to the cores of the OpenMP threads. Measured on the 2-core VM, tiny model:
+    `vllm serve` ready 5-12 s sooner (34-37 s vs 39-49 s); 128x128 requests at concurrency 16
+    30.2 -> 32.3 req/s, the engine busy 88 % vs 79 % (`benchmarks/online.py --levels 16
+    --requests 128`); `LLM.encode` 36.6 -> 44.5 images/s (`benchmarks/offline.py --paths
+    raw,raw-bound,ours`); in the engine-core process, bound threads used 1.6-1.7 cores where
+    unbound ones used 1.9. The forward then runs at PyTorch's default thread count, unbound, in a
+    process that has vLLM's `LD_PRELOAD` (tcmalloc, libgomp), as the plain PyTorch loop would.
+
+    So after the platform's check, `mp` goes back to `uni` for our architecture when the check
+    forced it, logged. Kept as vLLM has it: an explicit `--distributed-executor-backend mp`, a
+    thread binding the user asked for (`VLLM_CPU_OMP_THREADS_BIND`), more than one worker or
+    data-parallel engine. Installed only on CPU. (vLLM 0.26 and 0.32: `CpuPlatform.
+    check_and_update_config(vllm_config)`, called on the `current_platform` instance by
+    `VllmConfig.__post_init__`, in the process that builds the config, before any engine process
+    starts.)
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+
+    def wrap(current: Callable[..., Any]) -> Callable[..., Any]:
+        def checked(vllm_config: Any) -> None:
+            parallel = vllm_config.parallel_config
+            requested = parallel.distributed_executor_backend
+            current(vllm_config)
+            model_config = vllm_config.model_config
+            ours = model_config is not None and ARCHITECTURE in (getattr(model_config.hf_config, "architectures", None) or [])
+            single = parallel.world_size == 1 and parallel.data_parallel_size == 1
+            forced = requested == "uni" and parallel.distributed_executor_backend == "mp"
+            if ours and single and forced and not envs.cpu_threads_bound_by_user():
+                parallel.distributed_executor_backend = "uni"
+                logger.info(
+                    "vllm-terratorch: the CPU worker of %s runs inside vLLM's engine-core process, its threads "
+                    "unbound (no worker process, no shared-memory copy per step); pass --distributed-executor-backend "
+                    "mp or set %s for vLLM's own layout", model_config.model, envs.CPU_THREADS_BIND,
+                )
+
+        return checked
+
+    wrap_once(current_platform, "check_and_update_config", wrap)
+
+
 def eager_forward() -> None:
     """A Terratorch model runs its forward eagerly in vLLM: vLLM's own CUDA graphs would replay
     the dummy inputs' outputs for every request.
