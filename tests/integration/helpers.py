@@ -27,7 +27,8 @@ def engine(model: Path | str, *, in_process: bool = True, **kwargs: Any) -> Iter
     with VLLM_ENABLE_V1_MULTIPROCESSING=0, as `predict` runs it): the same engine, model runner and
     scheduler, started in ~15 s instead of ~65 s (two fewer processes importing torch and vLLM),
     which is what keeps CI within its time. `in_process=False` is vLLM's default, the README's
-    exact form (engine-core and worker processes); test_segmentation uses it.
+    exact form (an engine-core process, which runs the worker: compat.worker_in_engine_process);
+    test_segmentation uses it.
     """
     from vllm import LLM
 

@@ -77,13 +77,14 @@ def worker_in_engine_process() -> None:
     can start with vLLM's OpenMP binding in its environment. For our model that costs more than it
     gives: one more process to start, every step's inputs and outputs copied through a
     shared-memory queue, and the binding itself pins every thread the worker starts (the engine's
-    own included) to the cores of the OpenMP threads. Measured on the 2-core VM, tiny model:
-    `vllm serve` ready 5-12 s sooner (34-37 s vs 39-49 s); 128x128 requests at concurrency 16
-    30.2 -> 32.3 req/s, the engine busy 88 % vs 79 % (`benchmarks/online.py --levels 16
-    --requests 128`); `LLM.encode` 36.6 -> 44.5 images/s (`benchmarks/offline.py --paths
-    raw,raw-bound,ours`); in the engine-core process, bound threads used 1.6-1.7 cores where
-    unbound ones used 1.9. The forward then runs at PyTorch's default thread count, unbound, in a
-    process that has vLLM's `LD_PRELOAD` (tcmalloc, libgomp), as the plain PyTorch loop would.
+    own included) to the cores of the OpenMP threads. Measured on the 2-core VM, tiny model
+    (benchmarks/README.md): `vllm serve` ready 5-12 s sooner; 512x512 scenes at concurrency 16
+    1.27-1.29x the requests/s (121 tiles per step), 128x128 ones 0.89-0.93x (the engine core's own
+    threads then share the process with the forward); `LLM.encode` 0.94x a plain forward where the
+    separate worker reached 0.86x. Unbound, because binding this process's threads
+    (`GOMP_CPU_AFFINITY`) used 1.6-1.7 cores of 2 instead of 1.9. The forward then runs at
+    PyTorch's default thread count in a process that has vLLM's `LD_PRELOAD`, as a plain PyTorch
+    loop would.
 
     So after the platform's check, `mp` goes back to `uni` for our architecture when the check
     forced it, logged. Kept as vLLM has it: an explicit `--distributed-executor-backend mp`, a
@@ -186,8 +187,10 @@ def _seconds_per_request(worker: Any, batch: int) -> float | None:
 def steps_within_the_execute_timeout() -> None:
     """Schedule at most as many requests per step as finish well inside vLLM's execute-model timeout.
 
-    vLLM waits `VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS` (300 s) for one step, then declares the engine
-    dead and the server stops for every client. A pooling step runs every scheduled request (for
+    With a separate worker process (`mp`), vLLM waits `VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS` (300 s)
+    for one step, then declares the engine dead and the server stops for every client (our CPU
+    default runs the worker in the engine core, which has no such timeout; the bound then still
+    keeps each step, and so every request's wait behind it, short). A pooling step runs every scheduled request (for
     us: every tile) in one forward, up to `--max-num-seqs` of them, so a heavy model on a CPU
     outlasts the timeout under load or with one large scene. The engine core builds its scheduler
     right after `EngineCore._initialize_kv_caches` (vLLM 0.26 and 0.32); we wrap that step, ask the
