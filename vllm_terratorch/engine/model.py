@@ -191,6 +191,12 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
                     self._run(args, kwargs, batch)
                     if timed:
                         self.seconds_per_request = (time.perf_counter() - started) / batch
+            # The thread count the forward really runs at, once vLLM's start-up has had its say (on
+            # CPU it logs "Reducing Torch threads ... to 1" and then skips that on its bound worker).
+            logger.info(
+                "vllm-terratorch: a forward of %d dummy requests took %.3f s at %d torch threads",
+                batch, self.seconds_per_request * batch, torch.get_num_threads(),
+            )
         return self.seconds_per_request
 
     def _compile(self) -> None:
