@@ -192,7 +192,7 @@ class TerratorchModel(nn.Module, IsAttentionFree, SupportsMultiModal):
                     if timed:
                         self.seconds_per_request = (time.perf_counter() - started) / batch
             # The thread count the forward really runs at, once vLLM's start-up has had its say (on
-            # CPU it logs "Reducing Torch threads ... to 1" and then skips that on its bound worker).
+            # CPU vLLM 0.32 logs "Reducing Torch threads ... to 1", which its CPU worker then skips).
             logger.info(
                 "vllm-terratorch: a forward of %d dummy requests took %.3f s at %d torch threads",
                 batch, self.seconds_per_request * batch, torch.get_num_threads(),

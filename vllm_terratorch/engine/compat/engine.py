@@ -15,6 +15,12 @@ from vllm_terratorch.engine.compat.patching import GUARD_MARK, wrap_once
 from vllm_terratorch.log import logger
 
 
+def _is_ours(hf_config: Any) -> bool:
+    """Whether a model's (Hugging Face) config names our architecture: the test every shim here
+    applies before it changes anything, so other models pass through unchanged."""
+    return ARCHITECTURE in (getattr(hf_config, "architectures", None) or [])
+
+
 def terratorch_cpu_defaults() -> None:
     """Two defaults for a Terratorch model on CPU, applied where vLLM resolves the model's config.
 
@@ -47,7 +53,7 @@ def terratorch_cpu_defaults() -> None:
         def resolved(model_id: str, config: Any, dtype: Any, *args: Any, **kwargs: Any) -> Any:
             from vllm.platforms import current_platform
 
-            if ARCHITECTURE in (getattr(config, "architectures", None) or []) and current_platform.is_cpu():
+            if _is_ours(config) and current_platform.is_cpu():
                 declared = config.__dict__.get("dtype", config.__dict__.get("torch_dtype"))
                 if isinstance(dtype, str) and dtype.lower() == "auto" and declared in (None, "float32", torch.float32):
                     logger.info(
@@ -105,7 +111,7 @@ def worker_in_engine_process() -> None:
             requested = parallel.distributed_executor_backend
             current(vllm_config)
             model_config = vllm_config.model_config
-            ours = model_config is not None and ARCHITECTURE in (getattr(model_config.hf_config, "architectures", None) or [])
+            ours = model_config is not None and _is_ours(model_config.hf_config)
             single = parallel.world_size == 1 and parallel.data_parallel_size == 1
             forced = requested == "uni" and parallel.distributed_executor_backend == "mp"
             if ours and single and forced and not envs.cpu_threads_bound_by_user():
@@ -190,8 +196,8 @@ def steps_within_the_execute_timeout() -> None:
     With a separate worker process (`mp`), vLLM waits `VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS` (300 s)
     for one step, then declares the engine dead and the server stops for every client (our CPU
     default runs the worker in the engine core, which has no such timeout; the bound then still
-    keeps each step, and so every request's wait behind it, short). A pooling step runs every scheduled request (for
-    us: every tile) in one forward, up to `--max-num-seqs` of them, so a heavy model on a CPU
+    keeps each step, and so every request's wait behind it, short). A pooling step runs every
+    scheduled request (for us: every tile) in one forward, up to `--max-num-seqs` of them, so a heavy model on a CPU
     outlasts the timeout under load or with one large scene. The engine core builds its scheduler
     right after `EngineCore._initialize_kv_caches` (vLLM 0.26 and 0.32); we wrap that step, ask the
     workers to time our forward on `MEASURED_BATCH` dummy requests, and lower
@@ -204,7 +210,7 @@ def steps_within_the_execute_timeout() -> None:
     def wrap(current: Callable[..., Any]) -> Callable[..., Any]:
         def initialize_kv_caches(self: Any, vllm_config: Any) -> Any:
             result = current(self, vllm_config)
-            if ARCHITECTURE in (getattr(vllm_config.model_config.hf_config, "architectures", None) or []):
+            if _is_ours(vllm_config.model_config.hf_config):
                 try:
                     batch = min(MEASURED_BATCH, vllm_config.scheduler_config.max_num_seqs)
                     measured = [s for s in self.model_executor.collective_rpc(_seconds_per_request, args=(batch,)) if s]
